@@ -1,0 +1,174 @@
+"""The LLaVA model: CLIP vision tower -> projector -> causal LM (Liu et al., 2023, Fig. 1).
+
+The tokenizer has already expanded every `<image>` into `num_image_tokens` copies of
+the image token id (llava.tokenization), so the model's only multimodal step is to
+scatter the projected patch features into those positions of the embedded sequence.
+
+On-disk format of a checkpoint directory (see `save_pretrained`):
+
+    llava_config.json       ModelConfig + format version
+    projector.safetensors   always
+    llm/                    HF causal LM + tokenizer, when saved (stage 2); else the base `config.llm` is used
+    vision/                 HF CLIP vision model, when saved; else the base `config.vision_tower` is used
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from llava.config import ModelConfig, config_from_dict, config_to_dict
+from llava.projectors import build_projector, num_image_tokens
+from llava.tokenization import image_token_id, prepare_tokenizer
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "llava_config.json"
+PROJECTOR_FILE = "projector.safetensors"
+FORMAT_VERSION = 1
+
+
+def _from_pretrained(cls, path: str, **kwargs):
+    """`cls.from_pretrained` that refuses pickle weights (safetensors only)."""
+    return cls.from_pretrained(path, use_safetensors=True, **kwargs)
+
+
+def resize_embeddings_deterministically(llm: nn.Module, new_size: int) -> None:
+    """Grow the vocabulary; new rows start at the mean of the old ones (reproducible across loads)."""
+    old = llm.get_input_embeddings().weight.shape[0]
+    if new_size <= old:
+        return
+    llm.resize_token_embeddings(new_size, mean_resizing=False)
+    with torch.no_grad():
+        for matrix in {id(m): m for m in (llm.get_input_embeddings(), llm.get_output_embeddings()) if m is not None}.values():
+            matrix.weight[old:] = matrix.weight[:old].mean(dim=0, keepdim=True)
+    log.info("resized the LLM vocabulary from %d to %d tokens", old, new_size)
+
+
+class LlavaModel(nn.Module):
+    def __init__(self, config: ModelConfig, vision_tower: nn.Module, projector: nn.Module, llm: nn.Module, tokenizer):
+        super().__init__()
+        self.config = config
+        self.vision_tower = vision_tower  # transformers CLIPVisionModel
+        self.projector = projector
+        self.llm = llm  # any AutoModelForCausalLM
+        self.tokenizer = tokenizer
+        self.image_token_id = image_token_id(tokenizer)
+        vision = vision_tower.config
+        self.num_patches = (vision.image_size // vision.patch_size) ** 2
+        features = self.num_patches + (1 if config.select_feature == "cls_patch" else 0)
+        self.num_image_tokens = num_image_tokens(config.projector, features)
+        self.vision_tower.requires_grad_(False)  # frozen unless a freeze policy says otherwise
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: ModelConfig, dtype: torch.dtype = torch.float32) -> "LlavaModel":
+        """Pretrained vision tower + pretrained LLM + a freshly initialised projector."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
+
+        vision = _from_pretrained(CLIPVisionModel, config.vision_tower, dtype=dtype)
+        llm = _from_pretrained(AutoModelForCausalLM, config.llm, dtype=dtype)
+        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(config.tokenizer_path), config.template)
+        resize_embeddings_deterministically(llm, len(tokenizer))
+        projector = build_projector(config.projector, vision.config.hidden_size, llm.get_input_embeddings().embedding_dim)
+        log.info("built LLaVA: vision=%s llm=%s projector=%s", config.vision_tower, config.llm, config.projector.type)
+        return cls(config, vision, projector.to(dtype), llm, tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "LlavaModel":
+        """Load a checkpoint directory written by `save_pretrained`."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
+
+        path = Path(path)
+        config_file = path / CONFIG_FILE
+        if not config_file.exists():
+            raise FileNotFoundError(f"{path} is not a llava-ray checkpoint: {CONFIG_FILE} is missing")
+        saved = json.loads(config_file.read_text())
+        config = config_from_dict(ModelConfig, saved["model"])
+        vision_path = str(path / "vision") if (path / "vision").is_dir() else config.vision_tower
+        llm_path = str(path / "llm") if (path / "llm").is_dir() else config.llm
+        tokenizer_path = str(path / "llm") if (path / "llm" / "tokenizer_config.json").exists() else config.tokenizer_path
+        vision = _from_pretrained(CLIPVisionModel, vision_path, dtype=dtype)
+        llm = _from_pretrained(AutoModelForCausalLM, llm_path, dtype=dtype)
+        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(tokenizer_path), config.template)
+        resize_embeddings_deterministically(llm, len(tokenizer))
+        projector = build_projector(config.projector, vision.config.hidden_size, llm.get_input_embeddings().embedding_dim)
+        projector.load_state_dict(load_file(str(path / PROJECTOR_FILE)))
+        log.info("loaded LLaVA checkpoint %s (llm from %s, vision from %s)", path, llm_path, vision_path)
+        return cls(config, vision, projector.to(dtype), llm, tokenizer)
+
+    def save_pretrained(self, path: str | Path, llm: bool = True, vision: bool = False) -> Path:
+        """Write the checkpoint. Components not saved are reloaded from the base ids in the config."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.projector.state_dict().items()}
+        save_file(state, str(path / PROJECTOR_FILE))
+        if llm:
+            self.llm.save_pretrained(path / "llm", safe_serialization=True)
+            self.tokenizer.save_pretrained(path / "llm")
+        if vision:
+            self.vision_tower.save_pretrained(path / "vision", safe_serialization=True)
+        meta = {"format_version": FORMAT_VERSION, "model": config_to_dict(self.config), "num_image_tokens": self.num_image_tokens}
+        (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+        return path
+
+    # ---- forward ----------------------------------------------------------------------------
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(n_images, 3, H, W) -> (n_images, num_image_tokens, D_llm)."""
+        trainable = any(p.requires_grad for p in self.vision_tower.parameters())
+        with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
+            out = self.vision_tower(pixel_values.to(self.vision_tower.dtype), output_hidden_states=True)
+            features = out.hidden_states[self.config.select_layer]  # (n, 1 + N_patches, D_v); LLaVA: layer -2
+        if self.config.select_feature == "patch":
+            features = features[:, 1:]  # drop CLS: (n, N_patches, D_v)
+        return self.projector(features.to(next(self.projector.parameters(), features).dtype))
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Token embeddings with image features scattered into the image positions: (B, L, D)."""
+        embeds = self.llm.get_input_embeddings()(input_ids)  # (B, L, D)
+        image_mask = input_ids == self.image_token_id  # (B, L)
+        n_positions = int(image_mask.sum())
+        n_images = 0 if pixel_values is None else pixel_values.shape[0]
+        if n_positions != n_images * self.num_image_tokens:
+            raise ValueError(
+                f"{n_positions} image-token positions in input_ids but {n_images} image(s) x "
+                f"{self.num_image_tokens} tokens each were given"
+            )
+        if n_images == 0:
+            return embeds
+        features = self.encode_images(pixel_values).reshape(-1, embeds.shape[-1])  # (n * N, D)
+        return embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        pixel_values: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        **kwargs,
+    ):
+        """Causal-LM output of the underlying LLM (loss when `labels` is given, -100 ignored)."""
+        inputs_embeds = self.embed(input_ids, pixel_values)
+        return self.llm(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            labels=labels,
+            **kwargs,
+        )
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None, attention_mask=None, **kwargs):
+        """New token ids only, (B, new_tokens), via the LLM's own `generate` on spliced embeddings."""
+        inputs_embeds = self.embed(input_ids, pixel_values)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        return self.llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
