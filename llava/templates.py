@@ -206,4 +206,19 @@ def render(template: Template, turns: list[tuple[str, str]], system: Optional[st
                 pieces.append(Piece("text", template.assistant_end, trainable=True))
             if template.turn_separator:
                 pieces.append(Piece("text", template.turn_separator))
-    return [p for p in pieces if p.kind != "text" or p.text]
+    return _merge_text(pieces)
+
+
+def _merge_text(pieces: list[Piece]) -> list[Piece]:
+    """Join neighbouring text pieces with the same trainability, so tokenisation only splits where
+    the label changes or at an image/special token (which a whole-string tokeniser splits at too)."""
+    merged: list[Piece] = []
+    for piece in pieces:
+        if piece.kind == "text" and not piece.text:
+            continue
+        previous = merged[-1] if merged else None
+        if piece.kind == "text" and previous and previous.kind == "text" and previous.trainable == piece.trainable:
+            merged[-1] = Piece("text", previous.text + piece.text, piece.trainable)
+        else:
+            merged.append(piece)
+    return merged

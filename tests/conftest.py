@@ -1,10 +1,19 @@
 """Shared fixtures: tiny offline base models built once per test session."""
 
 import os
+from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# Tests run offline and keep every cache and temp dir inside the clone's .cache/.
+_CACHE = Path(__file__).resolve().parent.parent / ".cache"
+for _name, _value in {
+    "HF_HUB_OFFLINE": "1",
+    "HF_HOME": str(_CACHE / "huggingface"),
+    "TORCH_EXTENSIONS_DIR": str(_CACHE / "torch_extensions"),
+    "RAY_AUTH_MODE": "disabled",
+    "TOKENIZERS_PARALLELISM": "false",
+    "DS_ACCELERATOR": "cpu",
+}.items():
+    os.environ.setdefault(_name, _value)
 
 import pytest  # noqa: E402
 

@@ -1,0 +1,75 @@
+"""The `llava-ray` command line, run as a user would (installed console script)."""
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from llava.cli import main
+
+
+def llava_ray(*args, check=True):
+    exe = shutil.which("llava-ray")
+    assert exe, "the llava-ray console script is not installed (pip install -e .)"
+    return subprocess.run([exe, *args], capture_output=True, text=True, check=check, timeout=300)
+
+
+def test_show_masks_prints_ids_labels_and_tokens(base_models, tmp_path):
+    sample = {
+        "id": "000001",
+        "image": "coco/train2017/000001.jpg",
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat is on the table?"},
+            {"from": "gpt", "value": "A red apple."},
+        ],
+    }
+    (tmp_path / "sample.json").write_text(json.dumps(sample))
+    result = llava_ray(
+        "show-masks", "--tokenizer", base_models["llm"], "--template", "vicuna_v1",
+        "--json", str(tmp_path / "sample.json"), "--image-tokens", "5",
+    )
+    shown = json.loads(result.stdout)
+    assert len(shown["input_ids"]) == len(shown["labels"]) == len(shown["tokens"])
+    image_positions = [i for i, t in enumerate(shown["tokens"]) if t == "<image>"]
+    assert len(image_positions) == 5
+    assert all(shown["labels"][i] == -100 for i in image_positions)
+    trained = [t for t, label in zip(shown["tokens"], shown["labels"]) if label != -100]
+    assert "".join(trained).replace("\u0120", " ") == " A red apple.</s>"
+
+
+def test_show_masks_refuses_a_bad_sample_with_its_reason(base_models, tmp_path, capsys):
+    sample = {"id": "x", "image": "a.jpg", "conversations": [{"from": "human", "value": "no image token"}, {"from": "gpt", "value": "hi"}]}
+    (tmp_path / "bad.json").write_text(json.dumps([sample]))
+    code = main(["show-masks", "--tokenizer", base_models["llm"], "--template", "vicuna_v1", "--json", str(tmp_path / "bad.json")])
+    assert code == 2
+    assert "image_count_mismatch" in capsys.readouterr().err
+
+
+def test_tiny_model_then_export_from_the_command_line(tmp_path, capsys):
+    import torch
+
+    from llava.config import ImageConfig, ModelConfig
+    from llava.model import LlavaModel
+
+    assert main(["tiny-model", "--out", str(tmp_path / "base")]) == 0
+    paths = json.loads(capsys.readouterr().out)
+    model = LlavaModel.from_config(ModelConfig(vision_tower=paths["vision_tower"], llm=paths["llm"], image=ImageConfig(size=32)))
+    model.save_pretrained(tmp_path / "ckpt")
+    assert main(["export", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["format"] == "hf-llava"
+    from transformers import LlavaForConditionalGeneration
+
+    hf_model = LlavaForConditionalGeneration.from_pretrained(result["path"])
+    ids = torch.tensor([[1] + [model.image_token_id] * model.num_image_tokens + [5, 6]])
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        diff = (hf_model(input_ids=ids, pixel_values=pixels).logits - model(ids, pixel_values=pixels).logits).abs().max()
+    assert diff < 1e-4
+
+
+def test_unknown_subcommand_fails_cleanly():
+    with pytest.raises(SystemExit) as error:
+        main(["no-such-command"])
+    assert error.value.code == 2
