@@ -77,6 +77,26 @@ def _encode_pieces(pieces: Iterable[Piece], tokenizer, num_image_tokens: int) ->
     return ids, labels, image_starts
 
 
+def check_training_turns(conversations: list[dict], num_images: Optional[int] = None):
+    """Validate a training conversation -> (system override, turns). Raises `SampleRejected`.
+
+    The checks that need no tokenizer: roles alternate user/assistant and end with an
+    answer, no answer is empty, and the `<image>` placeholders match the row's images.
+    """
+    system, turns = normalise_turns(conversations)
+    if turns[-1][0] != "assistant":
+        raise SampleRejected("bad_roles", "a training conversation must end with an assistant answer")
+    empty = [i for i, (role, text) in enumerate(turns) if role == "assistant" and not text.strip()]
+    if empty:
+        raise SampleRejected("no_trainable_tokens", f"answer(s) {empty} are empty: nothing to train on")
+    placeholders = sum(text.count(IMAGE_TOKEN) for _, text in turns)
+    if num_images is not None and placeholders != num_images:
+        raise SampleRejected(
+            "image_count_mismatch", f"{placeholders} {IMAGE_TOKEN} placeholder(s) for {num_images} image(s)"
+        )
+    return system, turns
+
+
 def tokenize_conversation(
     conversations: list[dict],
     tokenizer,
@@ -92,17 +112,7 @@ def tokenize_conversation(
     instead of ever returning a sample without a trainable token.
     """
     template = get_template(template) if isinstance(template, str) else template
-    system, turns = normalise_turns(conversations)
-    if turns[-1][0] != "assistant":
-        raise SampleRejected("bad_roles", "a training conversation must end with an assistant answer")
-    empty = [i for i, (role, text) in enumerate(turns) if role == "assistant" and not text.strip()]
-    if empty:
-        raise SampleRejected("no_trainable_tokens", f"answer(s) {empty} are empty: nothing to train on")
-    placeholders = sum(text.count(IMAGE_TOKEN) for _, text in turns)
-    if num_images is not None and placeholders != num_images:
-        raise SampleRejected(
-            "image_count_mismatch", f"{placeholders} {IMAGE_TOKEN} placeholder(s) for {num_images} image(s)"
-        )
+    system, turns = check_training_turns(conversations, num_images)
     ids, labels, image_starts = _encode_pieces(render(template, turns, system), tokenizer, num_image_tokens)
     if len(ids) > max_length:
         # Never cut through an image's placeholder run: its features are all-or-nothing.

@@ -1,8 +1,9 @@
 """The `llava-ray` command line, run as a user would (installed console script)."""
 
 import json
-import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -10,9 +11,10 @@ from llava.cli import main
 
 
 def llava_ray(*args, check=True):
-    exe = shutil.which("llava-ray")
-    assert exe, "the llava-ray console script is not installed (pip install -e .)"
-    return subprocess.run([exe, *args], capture_output=True, text=True, check=check, timeout=300)
+    """Run the installed console script (next to this interpreter, whether or not the venv is activated)."""
+    exe = Path(sys.executable).parent / "llava-ray"
+    assert exe.exists(), f"the llava-ray console script is not installed at {exe} (pip install -e .)"
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, check=check, timeout=300)
 
 
 def test_show_masks_prints_ids_labels_and_tokens(base_models, tmp_path):
