@@ -15,6 +15,7 @@ import sys
 
 COMMANDS = {
     "demo": "jobs.demo",
+    "prepare": "jobs.prepare",
     "tiny-model": "jobs.tiny_model",
     "show-masks": "jobs.show_masks",
     "export": "jobs.export",

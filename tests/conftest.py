@@ -17,6 +17,8 @@ for _name, _value in {
 
 import pytest  # noqa: E402
 
+pytest_plugins = ["tests.s3_server"]  # the real S3-compatible server fixtures
+
 
 @pytest.fixture(scope="session")
 def base_models(tmp_path_factory):

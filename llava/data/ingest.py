@@ -1,0 +1,175 @@
+"""Raw rows -> validated rows with images inline -> parquet shards + manifest, on Ray Data.
+
+Every ingestion job (LLaVA JSON, caption pairs, digits) produces "raw rows":
+
+    id            string
+    image_refs    list<string> | null   image paths relative to the images root (or absolute URIs)
+    images        list<binary> | null   image bytes already in hand (digits); wins over image_refs
+    conversations string                the turns as JSON text ("null" when the input row was malformed)
+    source        string
+
+`ingest` reads each image in parallel, checks it decodes (within the pixel limit) and that
+the conversation is trainable, and writes good rows in the `schema.SCHEMA` format. A bad row
+never stops the job: it is skipped, counted by reason, and a few examples are logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from typing import Optional
+
+import pyarrow as pa
+import ray
+
+from llava import storage
+from llava.data.schema import SCHEMA, Manifest, parquet_rows, shard_uris
+from llava.image_processing import ImageError, decode_image
+from llava.templates import SampleRejected
+from llava.tokenization import check_training_turns
+
+log = logging.getLogger(__name__)
+
+RAW_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("image_refs", pa.list_(pa.string())),
+        ("images", pa.list_(pa.binary())),
+        ("conversations", pa.string()),
+        ("source", pa.string()),
+    ]
+)
+
+
+@dataclass
+class IngestConfig:
+    shard_mb: int = 128  # target parquet shard size (images dominate the bytes)
+    max_pixels: int = 64_000_000  # larger decoded images are refused as decompression bombs
+    batch_size: int = 32  # rows per map task batch
+    examples_per_reason: int = 3  # skipped rows logged per reason
+
+
+@ray.remote(num_cpus=0)
+class SkipCounter:
+    """Collects skipped-row counts (and a few examples) from every ingestion task."""
+
+    def __init__(self, examples_per_reason: int):
+        self.counts: Counter = Counter()
+        self.examples: dict[str, list[str]] = {}
+        self.limit = examples_per_reason
+
+    def add(self, counts: dict[str, int], examples: list[tuple[str, str]]) -> None:
+        self.counts.update(counts)
+        for reason, text in examples:
+            kept = self.examples.setdefault(reason, [])
+            if len(kept) < self.limit:
+                kept.append(text)
+
+    def report(self) -> tuple[dict[str, int], dict[str, list[str]]]:
+        return dict(self.counts), self.examples
+
+
+def _resolve(images_root: Optional[str], ref: str) -> str:
+    if storage.is_s3(ref) or ref.startswith("/") or images_root is None:
+        return ref
+    return storage.join(images_root, ref)
+
+
+def validate_row(row: dict, images_root: Optional[str], max_pixels: int) -> dict:
+    """One raw row -> a SCHEMA row. Raises SampleRejected / ImageError / a reason-tagged ValueError."""
+    refs = row.get("image_refs") or []
+    images = row.get("images")
+    conversations = json.loads(row["conversations"]) if row.get("conversations") else None
+    if not isinstance(conversations, list):
+        raise SampleRejected("bad_conversation", "the row has no list of conversation turns")
+    num_images = len(images) if images else len(refs)
+    check_training_turns(conversations, num_images)
+    if not images:
+        images = []
+        for ref in refs:
+            uri = _resolve(images_root, ref)
+            try:
+                images.append(storage.read_bytes(uri))
+            except (FileNotFoundError, storage.StorageError) as error:
+                raise SampleRejected("missing_image", f"{uri}: {error}") from error
+    for data in images:
+        decode_image(data, max_pixels)  # raises ImageError(reason) for undecodable / truncated / bombs
+    return {
+        "id": str(row["id"]),
+        "images": list(images) or None,
+        "image_paths": [_resolve(images_root, r) for r in refs] or None,
+        "conversations": row["conversations"],
+        "source": row["source"],
+    }
+
+
+def _skip_reason(error: Exception) -> str:
+    """image_undecodable / image_truncated / image_too_many_pixels / image_empty, or the SampleRejected reason."""
+    return f"image_{error.reason}" if isinstance(error, ImageError) else error.reason
+
+
+def validate_batch(batch: pa.Table, images_root: Optional[str], max_pixels: int, counter) -> pa.Table:
+    """Ray Data map_batches function: keeps good rows, reports the others to `counter`."""
+    good, counts, examples = [], Counter(), []
+    for row in batch.to_pylist():
+        try:
+            good.append(validate_row(row, images_root, max_pixels))
+        except (SampleRejected, ImageError) as error:
+            reason = _skip_reason(error)
+            counts[reason] += 1
+            examples.append((reason, f"id={row.get('id')!r}: {error}"))
+    ray.get(counter.add.remote(dict(counts), examples))
+    return pa.Table.from_pylist(good, schema=SCHEMA)
+
+
+def rows_per_shard(raw: ray.data.Dataset, images_root: Optional[str], shard_mb: int, sample: int = 16) -> int:
+    """Rows per parquet shard so a shard is about `shard_mb` MB, from a sample of image sizes."""
+    sizes = []
+    for row in raw.take(sample):
+        if row.get("images"):
+            sizes.append(sum(len(b) for b in row["images"]))
+        else:
+            total = 0
+            for ref in row.get("image_refs") or []:
+                try:
+                    total += storage.size(_resolve(images_root, ref))
+                except (FileNotFoundError, storage.StorageError):
+                    pass
+            sizes.append(total)
+    per_row = max(1024, int(sum(sizes) / max(1, len(sizes))) + 1024)
+    return max(1, shard_mb * 1_000_000 // per_row)
+
+
+def ingest(
+    raw: ray.data.Dataset,
+    out_uri: str,
+    sources: list[str],
+    images_root: Optional[str] = None,
+    config: IngestConfig = IngestConfig(),
+    extra: Optional[dict] = None,
+) -> Manifest:
+    """Validate `raw` rows, write the good ones as parquet shards under `out_uri`, return the manifest."""
+    storage.check_reachable(out_uri)
+    counter = SkipCounter.remote(config.examples_per_reason)
+    shard_rows = rows_per_shard(raw, images_root, config.shard_mb)
+    rows = raw.map_batches(
+        validate_batch,
+        batch_format="pyarrow",
+        batch_size=config.batch_size,
+        fn_kwargs={"images_root": images_root, "max_pixels": config.max_pixels, "counter": counter},
+    )
+    fs, path = storage.filesystem(out_uri)
+    log.info("ingesting %s -> %s (about %d rows per shard)", ", ".join(sources), out_uri, shard_rows)
+    rows.write_parquet(path, filesystem=fs, min_rows_per_file=shard_rows, max_rows_per_file=shard_rows)
+    skipped, examples = ray.get(counter.report.remote())
+    shards = shard_uris(out_uri)
+    total = sum(parquet_rows(s) for s in shards)
+    manifest = Manifest(rows=total, skipped=skipped, sources=list(sources), shards=[s.rsplit("/", 1)[-1] for s in shards], extra=extra or {})
+    manifest.write(out_uri)
+    for reason, texts in sorted(examples.items()):
+        for text in texts:
+            log.warning("skipped (%s): %s", reason, text)
+    log.info("wrote %d rows in %d shard(s) to %s; skipped %s", total, len(shards), out_uri, skipped or "none")
+    return manifest

@@ -1,0 +1,317 @@
+"""Address data, checkpoints and exports by URI: a local path or ``s3://bucket/key``.
+
+S3 means any S3-compatible endpoint (AWS, MinIO, Ceph, moto, ...). The endpoint comes from the
+``endpoint_url`` argument of :func:`filesystem` or the ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``
+environment variables (unset: AWS itself); the region from ``AWS_REGION`` / ``AWS_DEFAULT_REGION``
+(default ``us-east-1``); credentials from the usual AWS chain (env vars, ``~/.aws``, instance role),
+resolved by pyarrow. :func:`filesystem` hands out the ``pyarrow.fs`` filesystem itself, for
+``pyarrow.parquet``, ``ray.data`` and Ray Train's ``storage_filesystem``.
+
+Every failure is raised as :class:`StorageError` whose message names the URI and the problem, e.g.
+``s3://nope/x: bucket 'nope' does not exist (endpoint http://127.0.0.1:9000)``. Timeouts are short
+(refused connection: ~1 s; silent host: a few seconds), so a wrong endpoint fails fast.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+CONNECT_TIMEOUT_S = 2.0  # TCP connect
+REQUEST_TIMEOUT_S = 5.0  # on Linux (curl) this is a stall timeout: < 1 byte/s for this long
+MAX_ATTEMPTS = 3  # AWS standard retry strategy (also retries throttling / 5xx)
+_CHUNK = 8 << 20
+_THREADS = 8
+
+_cache: dict[tuple, pafs.FileSystem] = {}
+_lock = threading.Lock()
+
+
+class StorageError(RuntimeError):
+    """A storage operation failed; the message names the URI and the problem."""
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def _tmp_name(path: str) -> str:
+    return f"{path}.tmp{os.getpid()}.{threading.get_ident()}"
+
+
+_TMP = re.compile(r"\.tmp\d+\.\d+$")
+
+
+def _split_s3(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    if not bucket:
+        raise StorageError(f"{uri}: no bucket name in S3 URI")
+    return bucket, key.strip("/")
+
+
+def _endpoint(endpoint_url: str | None = None) -> str | None:
+    return endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def _region() -> str:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
+def _describe(endpoint_url: str | None) -> str:
+    return _endpoint(endpoint_url) or f"AWS S3 ({_region()})"
+
+
+def filesystem(uri: str, endpoint_url: str | None = None) -> tuple[pafs.FileSystem, str]:
+    """``(pyarrow filesystem, path inside it)`` for ``uri``; S3 filesystems are cached per endpoint."""
+    uri = str(uri)
+    if not is_s3(uri):
+        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+    bucket, key = _split_s3(uri)
+    endpoint, region = _endpoint(endpoint_url), _region()
+    # Credentials are part of the key so that a changed environment gets a fresh filesystem.
+    creds = tuple(os.environ.get(v) for v in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"))
+    cache_key = (endpoint, region, hash(creds))
+    with _lock:
+        fs = _cache.get(cache_key)
+        if fs is None:
+            options = {}
+            if endpoint:
+                parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+                options = {"endpoint_override": parsed.netloc, "scheme": parsed.scheme}
+            fs = pafs.S3FileSystem(
+                region=region, connect_timeout=CONNECT_TIMEOUT_S, request_timeout=REQUEST_TIMEOUT_S,
+                retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=MAX_ATTEMPTS), **options)
+            _cache[cache_key] = fs
+    return fs, f"{bucket}/{key}" if key else bucket
+
+
+def _problem(uri: str, exc: OSError) -> str:
+    """Turn a pyarrow/OS error into ``"<uri>: <what went wrong>"``."""
+    text = str(exc)
+    if not is_s3(uri):
+        if isinstance(exc, FileNotFoundError):
+            return f"{uri}: not found"
+        if isinstance(exc, PermissionError):
+            return f"{uri}: permission denied"
+        return f"{uri}: {exc.strerror or text}"
+    endpoint = _describe(None)
+    bucket, _ = _split_s3(uri)
+    if "NETWORK_CONNECTION" in text:
+        curl = re.search(r"curlCode: (\d+)", text)
+        why = {"6": "cannot resolve host", "7": "connection refused", "28": "timed out"}.get(curl and curl.group(1), text)
+        return f"{uri}: cannot reach S3 endpoint {endpoint}: {why}"
+    if any(code in text for code in ("INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "ACCESS_DENIED", "EXPIRED_TOKEN")):
+        code = re.search(r"AWS Error (\w+)", text)
+        return f"{uri}: access denied by S3 endpoint {endpoint} ({code.group(1) if code else text}): check credentials"
+    if "NO_SUCH_BUCKET" in text:
+        return f"{uri}: bucket '{bucket}' does not exist (endpoint {endpoint})"
+    if isinstance(exc, FileNotFoundError):
+        try:  # a missing bucket also reads as "file not found": say which
+            if filesystem(uri)[0].get_file_info(bucket).type == pafs.FileType.NotFound:
+                return f"{uri}: bucket '{bucket}' does not exist (endpoint {endpoint})"
+        except OSError:
+            pass
+        return f"{uri}: not found"
+    return f"{uri}: {text}"
+
+
+class _errors:
+    """``with _errors(uri): ...`` re-raises any OSError (pyarrow's included) as StorageError."""
+
+    def __init__(self, uri: str):
+        self.uri = str(uri)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if exc is not None and isinstance(exc, OSError):
+            raise StorageError(_problem(self.uri, exc)) from exc
+        return False
+
+
+def join(uri: str, *parts: str) -> str:
+    """``join("s3://b/runs", "ckpt/", "x.json") == "s3://b/runs/ckpt/x.json"``; same for local paths."""
+    out = str(uri)
+    for part in parts:
+        part = str(part).strip("/")
+        if part:
+            out = out if out.endswith("/") else out + "/"
+            out += part
+    return out
+
+
+def exists(uri: str) -> bool:
+    with _errors(uri):
+        fs, path = filesystem(uri)
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def open_input(uri: str):
+    """A binary, sequential input stream (context manager with ``read(n)``); nothing is decompressed."""
+    with _errors(uri):
+        fs, path = filesystem(uri)
+        return fs.open_input_stream(path, compression=None, buffer_size=_CHUNK if is_s3(uri) else None)
+
+
+def read_bytes(uri: str) -> bytes:
+    with _errors(uri), open_input(uri) as f:
+        return f.read()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write ``data`` to ``uri``; local writes create parent dirs and replace the file atomically."""
+    with _errors(uri):
+        fs, path = filesystem(uri)
+        if is_s3(uri):
+            with fs.open_output_stream(path, compression=None) as f:
+                f.write(data)
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = _tmp_name(path)
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def _files(uri: str) -> dict[str, int]:
+    """``{path relative to uri: size}`` of every file under ``uri`` (a file URI maps ``""`` to itself)."""
+    with _errors(uri):
+        fs, path = filesystem(uri)
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.File:
+            return {"": info.size}
+        if info.type == pafs.FileType.NotFound and not is_s3(uri):
+            raise FileNotFoundError(path)
+        found = fs.get_file_info(pafs.FileSelector(path, recursive=True))  # S3: raises if no key has this prefix
+        return {i.path[len(path):].lstrip("/"): i.size for i in found if i.type == pafs.FileType.File}
+
+
+def list_files(uri: str, suffix: str | None = None) -> list[str]:
+    """Every file under ``uri`` (recursive, sorted) as URIs: ``s3://...`` or absolute local paths."""
+    base = str(uri) if is_s3(uri) else filesystem(uri)[1]
+    found = [join(base, rel) for rel in _files(uri)]  # join(base, "") is base itself
+    return sorted(u for u in found if suffix is None or u.endswith(suffix))
+
+
+def _copy(src_uri: str, dst_uri: str) -> None:
+    """Stream one file between any two URIs (via a temp file + rename when the target is local)."""
+    (src_fs, src), (dst_fs, dst) = filesystem(src_uri), filesystem(dst_uri)
+    target = dst if is_s3(dst_uri) else _tmp_name(dst)
+    with _errors(src_uri):
+        source = src_fs.open_input_stream(src, compression=None)
+    with source, _errors(dst_uri):
+        if not is_s3(dst_uri):
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+        try:
+            with dst_fs.open_output_stream(target, compression=None) as out:
+                shutil.copyfileobj(source, out, _CHUNK)
+            if target != dst:
+                os.replace(target, dst)
+        finally:
+            if target != dst and os.path.exists(target):
+                os.remove(target)
+
+
+def _copy_many(pairs: list[tuple[str, str]]) -> None:
+    with ThreadPoolExecutor(min(_THREADS, max(1, len(pairs)))) as pool:
+        for future in [pool.submit(_copy, src, dst) for src, dst in pairs]:
+            future.result()
+
+
+def local_copy(uri: str, cache_dir: str | None = None) -> str:
+    """A local path holding ``uri``: a local path is returned as is (absolute); an S3 file or prefix is
+    mirrored to ``<cache_dir>/s3/<bucket>/<key>`` (``cache_dir`` default: ``$LLAVA_RAY_CACHE`` or
+    ``~/.cache/llava-ray``). Files whose size already matches are not downloaded again; local files the
+    prefix no longer holds are removed. Use it to ``from_pretrained`` a model stored in S3."""
+    if not is_s3(uri):
+        path = filesystem(uri)[1]
+        if not os.path.exists(path):
+            raise StorageError(f"{uri}: not found")
+        return path
+    root = cache_dir or os.environ.get("LLAVA_RAY_CACHE") or "~/.cache/llava-ray"
+    bucket, key = _split_s3(uri)
+    remote = _files(uri)  # {"": size} when uri is a single object
+    if ".." in key.split("/") or any(".." in rel.split("/") for rel in remote):
+        raise StorageError(f"{uri}: a key with a '..' segment cannot be mirrored to a local path")
+    target = os.path.join(os.path.abspath(os.path.expanduser(root)), "s3", bucket, *filter(None, key.split("/")))
+    todo = []
+    for rel, size in remote.items():
+        local = os.path.join(target, rel) if rel else target
+        if not (os.path.isfile(local) and os.path.getsize(local) == size):
+            todo.append((join(uri, rel), local))
+    with _errors(target):
+        if "" not in remote and os.path.isdir(target):  # drop what the prefix no longer holds
+            for rel in _files(target):
+                if rel not in remote and not _TMP.search(rel):  # leave other processes' downloads alone
+                    os.remove(os.path.join(target, rel))
+    _copy_many(todo)
+    return target
+
+
+def upload_dir(local_dir: str, uri: str) -> None:
+    """Copy every file under ``local_dir`` to ``uri`` (S3 prefix or local directory), keeping the tree."""
+    files = _files(local_dir)
+    if "" in files:
+        raise StorageError(f"{local_dir}: not a directory")
+    _copy_many([(join(filesystem(local_dir)[1], rel), join(uri, rel)) for rel in files])
+
+
+def check_reachable(uri: str) -> None:
+    """Fail fast, before a long job starts: S3 - the endpoint answers, accepts the credentials and holds
+    the bucket; local - the path exists or its nearest existing parent is a writable directory."""
+    if is_s3(uri):
+        bucket, _ = _split_s3(uri)
+        with _errors(uri):
+            if filesystem(uri)[0].get_file_info(bucket).type == pafs.FileType.NotFound:
+                raise StorageError(f"{uri}: bucket '{bucket}' does not exist (endpoint {_describe(None)})")
+        return
+    path = filesystem(uri)[1]
+    if os.path.exists(path):
+        return
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise StorageError(f"{uri}: cannot create it, {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise StorageError(f"{uri}: cannot create it, {parent} is not writable")
+
+
+def size(uri: str) -> int:
+    """Size in bytes of the file at ``uri``."""
+    with _errors(uri):
+        fs, path = filesystem(uri)
+        info = fs.get_file_info(path)
+        if info.type != pafs.FileType.File:
+            raise FileNotFoundError(path)
+        return info.size
+
+
+def remove(uri: str) -> None:
+    """Delete a file or a whole directory/prefix; a missing one is not an error."""
+    fs, path = filesystem(uri)
+    with _errors(uri):
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.File:
+            fs.delete_file(path)
+        elif info.type == pafs.FileType.Directory or is_s3(uri):
+            try:
+                fs.delete_dir(path)
+            except FileNotFoundError:
+                pass

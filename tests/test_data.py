@@ -1,0 +1,187 @@
+"""Data on Ray Data: ingestion to parquet (local and a real S3 server), bad rows counted, reading for training."""
+
+import io
+import json
+from collections import Counter
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from llava import storage
+from llava.data.digits import build_digits
+from llava.data.ingest import IngestConfig
+from llava.data.prepare import prepare_captions, prepare_digits, prepare_llava_json
+from llava.data.schema import Manifest, shard_uris
+from llava.data.sources import BRIEF_PROMPTS, InputError, caption_conversation
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    from llava.ray_runtime import init_ray
+
+    init_ray(num_cpus=4)
+    yield
+    ray.shutdown()
+
+
+def png(color, size=(32, 32)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def jpeg(color) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), color).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def read_dataset(uri):
+    rows = []
+    for shard in shard_uris(uri):
+        fs, path = storage.filesystem(shard)
+        rows += pq.read_table(path, filesystem=fs).to_pylist()
+    return {r["id"]: r for r in rows}
+
+
+def turn(q, a):
+    return [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+
+
+def llava_fixture(images_uri):
+    """(samples, image bytes by relative path, expected good ids, expected skipped counts)."""
+    files = {
+        "coco/train2017/a.jpg": jpeg("red"),
+        "coco/train2017/b.png": png("blue"),
+        "gqa/c.png": png("green"),
+        "bad/corrupt.jpg": b"this is not an image at all",
+        "bad/truncated.png": png("white", (64, 64))[:60],
+        "bad/huge.png": png("black", (200, 200)),
+    }
+    for rel, data in files.items():
+        storage.write_bytes(storage.join(images_uri, rel), data)
+    samples = [
+        {"id": "good-1", "image": "coco/train2017/a.jpg", "conversations": turn("<image>\nWhat color?", "Red.")},
+        {"id": "good-2", "image": "coco/train2017/b.png", "conversations": turn("What color?\n<image>", "Blue.") + turn("Sure?", "Yes.")},
+        {"id": "good-text", "conversations": turn("Tell me a joke.", "No.")},
+        {"id": "good-multi", "image": ["gqa/c.png", "coco/train2017/a.jpg"], "conversations": turn("<image> vs <image>?", "Green, red.")},
+        {"id": "missing", "image": "coco/train2017/none.jpg", "conversations": turn("<image>\nHi", "Hello.")},
+        {"id": "corrupt", "image": "bad/corrupt.jpg", "conversations": turn("<image>\nHi", "Hello.")},
+        {"id": "truncated", "image": "bad/truncated.png", "conversations": turn("<image>\nHi", "Hello.")},
+        {"id": "bomb", "image": "bad/huge.png", "conversations": turn("<image>\nHi", "Hello.")},
+        {"id": "no-turns", "image": "gqa/c.png", "conversations": []},
+        {"id": "roles", "image": "gqa/c.png", "conversations": [{"from": "gpt", "value": "<image>"}, {"from": "human", "value": "x"}]},
+        {"id": "count", "image": "gqa/c.png", "conversations": turn("<image> and <image>?", "Two.")},
+        "not a dict",
+    ]
+    good = {"good-1", "good-2", "good-text", "good-multi"}
+    skipped = {"missing_image": 1, "image_undecodable": 1, "image_truncated": 1, "image_too_many_pixels": 1,
+               "empty_conversation": 1, "bad_roles": 1, "image_count_mismatch": 1, "bad_conversation": 1}
+    return samples, files, good, skipped
+
+
+def test_llava_json_from_and_to_s3_skips_and_counts_bad_rows(ray_local, s3_server, tmp_path):
+    bucket = s3_server.make_bucket("llava-data")
+    images_uri, out_uri = f"{bucket}/images", f"{bucket}/datasets/instruct"
+    samples, files, good, skipped = llava_fixture(images_uri)
+    storage.write_text(f"{bucket}/llava_instruct.json", json.dumps(samples))
+
+    manifest = prepare_llava_json(f"{bucket}/llava_instruct.json", images_uri, out_uri, config=IngestConfig(max_pixels=30_000))
+
+    assert manifest.rows == len(good)
+    assert manifest.skipped == skipped
+    assert Manifest.read(out_uri).skipped == skipped
+    rows = read_dataset(out_uri)  # read back from the bucket
+    assert set(rows) == good
+    by_id = {s["id"]: s for s in samples if isinstance(s, dict)}
+    for sample_id, row in rows.items():
+        assert json.loads(row["conversations"]) == by_id[sample_id]["conversations"]
+        refs = by_id[sample_id].get("image")
+        refs = [refs] if isinstance(refs, str) else (refs or [])
+        assert (row["images"] or []) == [files[r] for r in refs]  # bytes round-trip exactly
+        assert row["source"] == "llava_instruct"
+    assert not storage.exists(f"{out_uri}/_staging/chunk-00000.parquet")  # staging removed
+
+
+def test_ray_data_reads_the_s3_dataset(ray_local, s3_server):
+    import ray
+
+    bucket = s3_server.make_bucket("llava-read")
+    samples, files, good, _ = llava_fixture(f"{bucket}/img")
+    storage.write_text(f"{bucket}/d.json", json.dumps(samples))
+    prepare_llava_json(f"{bucket}/d.json", f"{bucket}/img", f"{bucket}/out", config=IngestConfig(max_pixels=30_000))
+    fs, path = storage.filesystem(f"{bucket}/out")
+    ds = ray.data.read_parquet(path, filesystem=fs, columns=["id", "images"])
+    assert sorted(r["id"] for r in ds.take_all()) == sorted(good)
+
+
+def test_unusable_inputs_fail_fast_naming_the_uri(ray_local, s3_server, tmp_path):
+    (tmp_path / "object.json").write_text(json.dumps({"data": []}))
+    with pytest.raises(InputError, match="object.json.*JSON array"):
+        prepare_llava_json(str(tmp_path / "object.json"), str(tmp_path), str(tmp_path / "out"))
+    with pytest.raises(storage.StorageError, match="no-such-bucket"):
+        prepare_llava_json("s3://no-such-bucket/x.json", str(tmp_path), str(tmp_path / "out2"))
+
+
+def test_caption_prompts_are_seeded_and_cover_all_eleven():
+    conversations = [caption_conversation(str(i), "a cat", seed=7) for i in range(300)]
+    assert conversations == [caption_conversation(str(i), "a cat", seed=7) for i in range(300)]
+    assert conversations != [caption_conversation(str(i), "a cat", seed=8) for i in range(300)]
+    questions = [c[0]["value"] for c in conversations]
+    used = Counter(q.replace("<image>", "").strip() for q in questions)
+    assert set(used) == set(BRIEF_PROMPTS)
+    starts = sum(q.startswith("<image>\n") for q in questions)
+    ends = sum(q.endswith("\n<image>") for q in questions)
+    assert starts + ends == 300 and 90 < starts < 210
+    assert all(c[1] == {"from": "gpt", "value": "a cat"} for c in conversations)
+
+
+def test_prepare_captions_pipeline(ray_local, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    pairs = []
+    for i in range(40):
+        (images / f"{i}.png").write_bytes(png((i * 5, 0, 0)))
+        pairs.append({"image": f"{i}.png", "caption": f"a red square number {i}"})
+    pairs.append({"image": "missing.png", "caption": "gone"})
+    pairs.append({"image": "1.png", "caption": ""})
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(p) for p in pairs))
+    first = prepare_captions(str(tmp_path / "pairs.jsonl"), str(images), str(tmp_path / "a"), seed=3)
+    again = prepare_captions(str(tmp_path / "pairs.jsonl"), str(images), str(tmp_path / "b"), seed=3)
+    assert first.rows == 40 and first.skipped == {"missing_image": 1, "bad_conversation": 1}
+    a, b = read_dataset(str(tmp_path / "a")), read_dataset(str(tmp_path / "b"))
+    assert {k: v["conversations"] for k, v in a.items()} == {k: v["conversations"] for k, v in b.items()}
+    row = a["0.png"]
+    assert json.loads(row["conversations"])[1]["value"] == "a red square number 0"
+    assert row["images"] == [(images / "0.png").read_bytes()]
+
+
+def test_digits_sizes_split_and_masks(tokenizer):
+    from llava.tokenization import IGNORE_INDEX, tokenize_conversation
+
+    splits = build_digits()
+    assert {k: len(v) for k, v in splits.items()} == {"stage1": 1497, "stage2": 1497, "eval": 300}
+    train_ids = {r["id"] for r in splits["stage1"]}
+    assert train_ids == {r["id"] for r in splits["stage2"]}
+    assert not train_ids & {r["id"] for r in splits["eval"]}
+    assert build_digits()["eval"][0]["id"] == splits["eval"][0]["id"]  # the split is fixed
+    for name, template in (("stage1", "plain"), ("stage2", "vicuna_v1"), ("eval", "vicuna_v1")):
+        for row in splits[name]:
+            conversation = json.loads(row["conversations"])
+            sample = tokenize_conversation(conversation, tokenizer, template, 4, 512, num_images=1)
+            trained = tokenizer.decode([t for t, l in zip(sample.input_ids, sample.labels) if l != IGNORE_INDEX])
+            answers = [t["value"] for t in conversation if t["from"] == "gpt"]
+            sep = "\n" if template == "plain" else "</s>"
+            expected = "".join(a + sep for a in answers) if template == "plain" else "".join(f" {a}{sep}" for a in answers)
+            assert trained == expected
+
+
+def test_prepare_digits_writes_three_datasets(ray_local, tmp_path):
+    manifests = prepare_digits(str(tmp_path / "digits"))
+    assert {k: m.rows for k, m in manifests.items()} == {"stage1": 1497, "stage2": 1497, "eval": 300}
+    assert all(m.skipped == {} for m in manifests.values())
+    rows = read_dataset(str(tmp_path / "digits" / "eval"))
+    assert Image.open(io.BytesIO(next(iter(rows.values()))["images"][0])).size == (32, 32)
