@@ -1,7 +1,7 @@
-"""Run the embedded demo offline: tiny base models -> LLaVA model -> one training step -> HF export, checked.
+"""Run the embedded demo offline: digits data -> tiny base models -> LLaVA -> one training step -> HF export.
 
-Until the data and training jobs land this covers the model path end to end on one
-drawn image; it ends by printing one JSON line with where everything went.
+Until the training job lands this covers data preparation and the model path end to
+end; it ends by printing one JSON line with where everything went.
 """
 
 import argparse
@@ -13,7 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llava.model_check import run_model_check
+    from llava.demo import run_demo
 
-    print(json.dumps(run_model_check(args.out)))
+    print(json.dumps(run_demo(args.out)))
     return 0

@@ -185,3 +185,82 @@ def test_prepare_digits_writes_three_datasets(ray_local, tmp_path):
     assert all(m.skipped == {} for m in manifests.values())
     rows = read_dataset(str(tmp_path / "digits" / "eval"))
     assert Image.open(io.BytesIO(next(iter(rows.values()))["images"][0])).size == (32, 32)
+
+
+@pytest.fixture(scope="module")
+def digits_dir(ray_local, tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits")
+    prepare_digits(str(out))
+    return out
+
+
+def digits_model_config(base_models, **overrides):
+    from llava.config import ImageConfig, ModelConfig
+
+    settings = {"template": "vicuna_v1", "image": ImageConfig(size=32), "max_length": 512, **overrides}
+    return ModelConfig(vision_tower=base_models["vision_tower"], llm=base_models["llm"], **settings)
+
+
+def test_model_ready_rows_match_the_core_library(digits_dir, base_models, tokenizer):
+    import numpy as np
+
+    from llava.data.reader import model_ready_dataset
+    from llava.image_processing import load_pixel_values
+    from llava.tokenization import tokenize_conversation
+
+    config = digits_model_config(base_models)
+    ready = {r["id"]: r for r in model_ready_dataset([str(digits_dir / "stage2")], config, 16).take_all()}
+    stored = read_dataset(str(digits_dir / "stage2"))
+    assert set(ready) == set(stored) and len(ready) == 1497
+    for sample_id in list(stored)[:50]:
+        row, source = ready[sample_id], stored[sample_id]
+        expected = tokenize_conversation(json.loads(source["conversations"]), tokenizer, "vicuna_v1", 16, 512, 1)
+        assert list(row["input_ids"]) == expected.input_ids and list(row["labels"]) == expected.labels
+        pixels = np.frombuffer(row["pixel_values"], dtype=np.float32).reshape(1, 3, 32, 32)
+        np.testing.assert_array_equal(pixels[0], load_pixel_values(source["images"][0], config.image))
+
+
+def test_reader_drops_and_counts_rows_it_cannot_use(digits_dir, base_models):
+    import ray
+
+    from llava.data.ingest import SkipCounter
+    from llava.data.reader import model_ready_dataset
+
+    counter = SkipCounter.remote(2)
+    # 20 tokens cannot hold the system prompt, so no answer survives truncation in any row.
+    rows = model_ready_dataset([str(digits_dir / "eval")], digits_model_config(base_models, max_length=20), 16, counter).take_all()
+    skipped, examples = ray.get(counter.report.remote())
+    assert rows == [] and skipped == {"too_long": 300}
+    assert len(examples["too_long"]) == 2
+
+
+def test_length_grouping_cuts_padding_and_keeps_every_row_once(digits_dir, base_models):
+    from llava.data.reader import LengthGroupedBatcher, model_ready_dataset
+
+    rows = model_ready_dataset([str(digits_dir / "stage2")], digits_model_config(base_models), 16).take_all()
+    grouped = LengthGroupedBatcher(batch_size=8, pad_token_id=0, image_size=32, seed=1)
+    plain = LengthGroupedBatcher(batch_size=8, pad_token_id=0, image_size=32, group_by_length=False)
+    first = [b.ids for b in grouped.batches(rows, epoch=0)]
+    list(plain.batches(rows))
+    assert sorted(i for ids in first for i in ids) == sorted(r["id"] for r in rows)
+    assert grouped.padding_fraction < plain.padding_fraction / 2
+    assert first == [b.ids for b in LengthGroupedBatcher(8, 0, 32, seed=1).batches(rows, epoch=0)]
+    assert first != [b.ids for b in LengthGroupedBatcher(8, 0, 32, seed=1).batches(rows, epoch=1)]
+    batch = next(LengthGroupedBatcher(8, 0, 32, seed=1).batches(rows))
+    assert batch.pixel_values.shape == (8, 3, 32, 32)
+    assert (batch.labels[batch.attention_mask == 0] == -100).all()
+
+
+def test_prepare_command_line(ray_local, tmp_path, capsys):
+    from llava.cli import main
+
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "x.png").write_bytes(png("red"))
+    samples = [{"id": "1", "image": "x.png", "conversations": turn("<image>\nColor?", "Red.")},
+               {"id": "2", "image": "x.png", "conversations": turn("Color?", "Red.")}]
+    (tmp_path / "d.json").write_text(json.dumps(samples))
+    code = main(["prepare", "llava-json", "--json", str(tmp_path / "d.json"), "--images", str(images), "--out", str(tmp_path / "out")])
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["out"]["rows"] == 1 and printed["out"]["skipped"] == {"image_count_mismatch": 1}

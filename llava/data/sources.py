@@ -84,8 +84,9 @@ def stage_llava_json(json_uri: str, staging_uri: str, source: str, chunk_rows: i
 
     def flush():
         uri = storage.join(staging_uri, f"chunk-{len(chunks):05d}.parquet")
-        fs, path = storage.filesystem(uri)
-        pq.write_table(pa.Table.from_pylist(rows, schema=RAW_SCHEMA), path, filesystem=fs)
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pylist(rows, schema=RAW_SCHEMA), sink)
+        storage.write_bytes(uri, sink.getvalue().to_pybytes())
         chunks.append(uri)
         rows.clear()
 
