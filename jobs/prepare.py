@@ -23,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         sub.add_argument("--out", required=True, help="output URI (directory or s3://bucket/prefix)")
         sub.add_argument("--shard-mb", type=int, default=128, help="target shard size in MB")
         sub.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
+        sub.add_argument("--s3-endpoint", default=None,
+                         help="S3-compatible endpoint URL for every s3:// URI (default: AWS_ENDPOINT_URL or AWS)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from llava.data.prepare import prepare
     from llava.ray_runtime import init_ray
 
-    init_ray(args.address)
+    init_ray(args.address, s3_endpoint=args.s3_endpoint)
     manifests = prepare(args)
     print(json.dumps({name: asdict(m) for name, m in manifests.items()}))
     return 0

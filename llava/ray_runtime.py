@@ -10,20 +10,27 @@ import ray
 log = logging.getLogger(__name__)
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+def init_ray(address: str | None = None, num_cpus: int | None = None, s3_endpoint: str | None = None) -> None:
     """Join the cluster at `address` (or RAY_ADDRESS), else start a local Ray.
+
+    `s3_endpoint` (an S3-compatible endpoint URL) is exported as AWS_ENDPOINT_URL to this
+    process and to every Ray worker, so all s3:// URIs of the job go there.
 
     A local Ray gets at least 4 logical CPUs even on a 2-core machine: Ray Train workers
     and Ray Data tasks must both find a CPU slot or the run deadlocks (PLATFORM.md).
     """
+    env_vars = {}
+    if s3_endpoint:
+        os.environ["AWS_ENDPOINT_URL"] = env_vars["AWS_ENDPOINT_URL"] = s3_endpoint
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    runtime_env = {"env_vars": env_vars} if env_vars else None
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
+        ray.init(address=address, runtime_env=runtime_env)
         log.info("joined Ray cluster at %s: %s", address, ray.cluster_resources())
         return
     cpus = num_cpus or max(4, os.cpu_count() or 1)
-    ray.init(num_cpus=cpus, include_dashboard=False, configure_logging=False)
+    ray.init(num_cpus=cpus, include_dashboard=False, configure_logging=False, runtime_env=runtime_env)
     log.info("started a local Ray with %d logical CPUs", cpus)

@@ -14,6 +14,10 @@ for _name, _value in {
     "DS_ACCELERATOR": "cpu",
 }.items():
     os.environ.setdefault(_name, _value)
+# Ray's unix sockets live under RAY_TMPDIR and their paths must stay short (~107 bytes).
+_RAY_TMP = _CACHE / "ray" if len(str(_CACHE)) < 48 else Path("/tmp") / f"llava-ray-{os.getuid()}"
+os.environ.setdefault("RAY_TMPDIR", str(_RAY_TMP))
+_RAY_TMP.mkdir(parents=True, exist_ok=True)
 
 import pytest  # noqa: E402
 

@@ -264,3 +264,28 @@ def test_prepare_command_line(ray_local, tmp_path, capsys):
     assert code == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["out"]["rows"] == 1 and printed["out"]["skipped"] == {"image_count_mismatch": 1}
+
+
+def test_prepare_captions_to_s3_with_an_explicit_endpoint(s3_server, tmp_path):
+    """The installed CLI in a fresh process, told the endpoint only by --s3-endpoint."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bucket = s3_server.make_bucket("captions-cli")
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        (images / f"{i}.png").write_bytes(png((0, i * 60, 0)))
+    (tmp_path / "pairs.csv").write_text("image,caption\n" + "".join(f"{i}.png,a green square {i}\n" for i in range(3)))
+    env = {k: v for k, v in os.environ.items() if k != "AWS_ENDPOINT_URL"}
+    exe = Path(sys.executable).parent / "llava-ray"
+    result = subprocess.run(
+        [str(exe), "prepare", "captions", "--pairs", str(tmp_path / "pairs.csv"), "--images", str(images),
+         "--out", f"{bucket}/stage1", "--s3-endpoint", s3_server.endpoint],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout)["out"]["rows"] == 3
+    assert Manifest.read(f"{bucket}/stage1").rows == 3

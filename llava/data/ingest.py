@@ -105,7 +105,7 @@ def validate_row(row: dict, images_root: Optional[str], max_pixels: int) -> dict
     }
 
 
-def _skip_reason(error: Exception) -> str:
+def skip_reason(error: Exception) -> str:
     """image_undecodable / image_truncated / image_too_many_pixels / image_empty, or the SampleRejected reason."""
     return f"image_{error.reason}" if isinstance(error, ImageError) else error.reason
 
@@ -117,7 +117,7 @@ def validate_batch(batch: pa.Table, images_root: Optional[str], max_pixels: int,
         try:
             good.append(validate_row(row, images_root, max_pixels))
         except (SampleRejected, ImageError) as error:
-            reason = _skip_reason(error)
+            reason = skip_reason(error)
             counts[reason] += 1
             examples.append((reason, f"id={row.get('id')!r}: {error}"))
     ray.get(counter.add.remote(dict(counts), examples))
@@ -147,10 +147,11 @@ def ingest(
     out_uri: str,
     sources: list[str],
     images_root: Optional[str] = None,
-    config: IngestConfig = IngestConfig(),
+    config: Optional[IngestConfig] = None,
     extra: Optional[dict] = None,
 ) -> Manifest:
     """Validate `raw` rows, write the good ones as parquet shards under `out_uri`, return the manifest."""
+    config = config or IngestConfig()
     storage.check_reachable(out_uri)
     counter = SkipCounter.remote(config.examples_per_reason)
     shard_rows = rows_per_shard(raw, images_root, config.shard_mb)

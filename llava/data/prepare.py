@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 
 def prepare_llava_json(json_uri: str, images_uri: str, out_uri: str, source: str | None = None,
-                       config: IngestConfig = IngestConfig()) -> Manifest:
+                       config: IngestConfig | None = None) -> Manifest:
     source = source or json_uri.rstrip("/").rsplit("/", 1)[-1].removesuffix(".json")
     storage.check_reachable(images_uri)
     staging = storage.join(out_uri, "_staging")
@@ -31,13 +31,13 @@ def prepare_llava_json(json_uri: str, images_uri: str, out_uri: str, source: str
 
 def prepare_captions(pairs_uri: str, images_uri: str, out_uri: str, seed: int = 0, source: str = "captions",
                      image_column: str = "image", caption_column: str = "caption",
-                     config: IngestConfig = IngestConfig()) -> Manifest:
+                     config: IngestConfig | None = None) -> Manifest:
     storage.check_reachable(images_uri)
     raw = read_caption_pairs(pairs_uri, seed, source, image_column, caption_column)
     return ingest(raw, out_uri, [pairs_uri, images_uri], images_uri, config, extra={"seed": seed})
 
 
-def prepare_digits(out_uri: str, seed: int = 0, config: IngestConfig = IngestConfig()) -> dict[str, Manifest]:
+def prepare_digits(out_uri: str, seed: int = 0, config: IngestConfig | None = None) -> dict[str, Manifest]:
     """out/stage1, out/stage2, out/eval."""
     manifests = {}
     for split, rows in build_digits(seed).items():

@@ -27,6 +27,7 @@ import torch
 
 from llava import storage
 from llava.config import ModelConfig, config_from_dict, config_to_dict
+from llava.data.ingest import skip_reason
 from llava.data.schema import shard_uris
 from llava.image_processing import ImageError, load_pixel_values
 from llava.templates import SampleRejected
@@ -64,7 +65,7 @@ def make_model_ready(batch: pa.Table, model_config: dict, num_image_tokens: int,
             )
             pixels = [load_pixel_values(data, config.image) for data in images[: sample.num_images]]
         except (SampleRejected, ImageError) as error:
-            reason = f"image_{error.reason}" if isinstance(error, ImageError) else error.reason
+            reason = skip_reason(error)
             skipped[reason] += 1
             examples.append((reason, f"id={row.get('id')!r}: {error}"))
             continue
