@@ -16,9 +16,11 @@ or LLM is run (the tiny offline base models only supply the tokenizer).
               preprocesses and tokenises it; DataLoader(batch_size=B, shuffle=True,
               num_workers=2 and 0) with a collate that pads to the batch max (no length grouping).
 
-Each path gets a short warm-up pass first (Ray worker processes started and their tokenizer
-loaded; OS page cache warm for both), then one timed epoch end to end, including per-epoch
-start-up (Ray Data planning and task launch / DataLoader worker fork).
+Each path is warmed up first (ours: one whole untimed epoch, so the Ray worker processes have
+imported torch/transformers and cached the tokenizer; the DataLoader: a few batches, its workers
+are forked from an already warm process; the OS page cache is warm for both), then one epoch is
+timed end to end, including per-epoch start-up (Ray Data planning and task launch / DataLoader
+worker fork).
 
 How cores are counted:
   "cores"          the CPU cores the path may use: min(os.cpu_count(), Ray's num_cpus) for ours
@@ -170,12 +172,13 @@ class TreeCpu:
     def __init__(self):
         self.me = psutil.Process()
 
-    def snapshot(self) -> dict[int, float]:
+    def snapshot(self) -> dict[tuple, float]:
         out = {}
         for proc in [self.me] + self.me.children(recursive=True):
             try:
                 t = proc.cpu_times()
-                out[(proc.pid, proc.create_time())] = t.user + t.system
+                name = "driver" if proc.pid == self.me.pid else proc.name()
+                out[(proc.pid, proc.create_time(), name)] = t.user + t.system
             except psutil.Error:
                 pass
         return out
@@ -183,6 +186,13 @@ class TreeCpu:
     @staticmethod
     def delta(before: dict, after: dict) -> float:
         return sum(v - before.get(k, 0.0) for k, v in after.items())
+
+    @staticmethod
+    def by_name(before: dict, after: dict) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for key, v in after.items():
+            out[key[2]] = out.get(key[2], 0.0) + v - before.get(key, 0.0)
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def own_and_reaped_children_cpu() -> float:
@@ -193,16 +203,15 @@ def own_and_reaped_children_cpu() -> float:
 # --- (a) ours --------------------------------------------------------------------------------------------------------
 
 
-def run_ours(shards: str, model_config: ModelConfig, batch_size: int, pad_id: int, warmup_rows: int) -> dict:
+def run_ours(shards: str, model_config: ModelConfig, batch_size: int, pad_id: int) -> dict:
     from llava.data.reader import LengthGroupedBatcher, model_ready_dataset
 
-    def epoch(limit: int | None) -> dict:
+    def epoch() -> dict:
         batcher = LengthGroupedBatcher(batch_size=batch_size, pad_token_id=pad_id, image_size=IMAGE_SIZE, seed=0)
         start = time.perf_counter()
         ds = model_ready_dataset([shards], model_config, NUM_IMAGE_TOKENS)
-        if limit is not None:
-            ds = ds.limit(limit)
         first, rows, batches, real = None, 0, 0, 0
+        driver_cpu = time.process_time()
         pull = 0.0  # time spent waiting on Ray Data for the next row
         it = iter(ds.iter_rows())
 
@@ -224,14 +233,22 @@ def run_ours(shards: str, model_config: ModelConfig, batch_size: int, pad_id: in
             rows += len(batch.ids)
             batches += 1
             real += batch.real_tokens
-        return {"seconds": time.perf_counter() - start, "first_batch_s": first, "rows": rows, "batches": batches,
-                "real_tokens": real, "padding": batcher.padding_fraction, "wait_s": pull}
+        seconds = time.perf_counter() - start
+        operators = [line.strip() for line in ds.stats().splitlines() if "tasks executed" in line]
+        return {"seconds": seconds, "first_batch_s": first, "rows": rows, "batches": batches, "real_tokens": real,
+                "padding": batcher.padding_fraction, "wait_s": pull, "driver_cpu_s": time.process_time() - driver_cpu,
+                "operators": operators}
 
-    epoch(warmup_rows)  # warm-up: Ray workers started, tokenizer cached in them
+    # Warm-up: one whole epoch. A shorter pass (ds.limit) leaves the worker that gets the next epoch's map task
+    # cold: importing torch/transformers and loading the tokenizer there costs ~4 CPU-seconds, once per process.
+    warmup = epoch()
     cpu = TreeCpu()
     before = cpu.snapshot()
-    result = epoch(None)
-    result["cpu_s"] = TreeCpu.delta(before, cpu.snapshot())
+    result = epoch()
+    after = cpu.snapshot()
+    result["cpu_s"] = TreeCpu.delta(before, after)
+    result["cpu_by_process"] = TreeCpu.by_name(before, after)
+    result["warmup_s"] = warmup["seconds"]
     return result
 
 
@@ -345,7 +362,7 @@ def table(ours: dict, official: list[tuple[str, dict]]) -> str:
         for _, res in official:
             theirs = fn(res)
             cells.append(_fmt(int(theirs) if digits == 0 else float(theirs), digits))
-            cells.append(f"{mine / theirs:.2f}x" if theirs else "-")
+            cells.append(f"{mine / theirs:.2f}x" if theirs and label not in ("rows", "batches", "cores counted") else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -358,6 +375,8 @@ def main() -> None:
                         help="where data, parquet and the tiny base models go (default .cache/benchmarks/data_loading)")
     parser.add_argument("--ray-cpus", type=int, default=os.cpu_count(), help="num_cpus for init_ray (default: all cores)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader num_workers for the main comparison (default 2)")
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help="torch.set_num_threads in this process (default 0: leave torch's default)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -371,8 +390,8 @@ def main() -> None:
     import logging
 
     transformers.utils.logging.disable_progress_bar()
-    logging.getLogger("ray").setLevel(logging.WARNING)
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
 
     out = Path(args.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -384,7 +403,8 @@ def main() -> None:
           f"pyarrow {pyarrow.__version__}, transformers {transformers.__version__}, pillow {PIL.__version__}, "
           f"numpy {np.__version__}")
     print(f"settings: rows={args.rows} batch_size={args.batch_size} image_size={IMAGE_SIZE} (aspect=pad) "
-          f"num_image_tokens={NUM_IMAGE_TOKENS} template=vicuna_v1 max_length=2048 ray_cpus={args.ray_cpus}; "
+          f"num_image_tokens={NUM_IMAGE_TOKENS} template=vicuna_v1 max_length=2048 ray_cpus={args.ray_cpus} "
+          f"torch_threads(main process)={torch.get_num_threads()}; "
           "no model is run (data path only)\n")
 
     # Tiny offline base models: only the tokenizer is used.
@@ -409,6 +429,8 @@ def main() -> None:
     from llava.data.prepare import prepare_llava_json
     from llava.ray_runtime import init_ray
 
+    for name in ("ray", "ray.data"):  # after `import ray.data`, which configures its loggers
+        logging.getLogger(name).setLevel(logging.WARNING)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -426,7 +448,7 @@ def main() -> None:
     print(f"ingestion (prepare_llava_json, once, not in the throughput): {ingest_s:.1f}s for {manifest.rows} rows "
           f"-> {len(manifest.shards)} shard(s), {shard_mb:.1f} MB; skipped {manifest.skipped or 'none'}")
 
-    ours = run_ours(str(parquet), model_config, args.batch_size, pad_id, warmup_rows=args.batch_size * 16 * 2)
+    ours = run_ours(str(parquet), model_config, args.batch_size, pad_id)
     ours["cores"] = min(nproc, args.ray_cpus)
     ray.shutdown()  # no idle Ray processes while the DataLoader is timed
 
@@ -442,8 +464,16 @@ def main() -> None:
           "iterates and collates, shares them); official = min(os.cpu_count(), max(1, num_workers)). "
           "CPU-seconds: measured user+system time of all processes involved (ours: driver + gcs/raylet/Ray workers; "
           "official: main process + its DataLoader workers).")
-    print(f"ours spent {ours['wait_s']:.2f}s of the epoch waiting on Ray Data for rows (the rest is collate/batching "
-          "in the driver).")
+    print(f"ours: warm-up epoch (cold Ray workers) took {ours['warmup_s']:.1f}s, not counted")
+    print(f"ours: {ours['wait_s']:.1f}s of the {ours['seconds']:.1f}s epoch were spent waiting on Ray Data for the next "
+          f"row; the driver process (iteration + LengthGroupedBatcher collate + Ray Data's executor thread) used "
+          f"{ours['driver_cpu_s']:.1f} CPU-seconds of the {ours['cpu_s']:.1f} total")
+    print("ours, CPU-seconds by process (timed epoch): "
+          + ", ".join(f"{name} {sec:.1f}" for name, sec in ours["cpu_by_process"].items() if sec >= 0.05))
+    print("ours, Ray Data operators (timed epoch): " + "; ".join(ours["operators"]))
+    load = os.getloadavg()[0]
+    print(f"load average at the end: {load:.2f}" + (f"  WARNING: above the {nproc} cores, other processes competed for the "
+                                                    "CPUs and the timings are noisy" if load > nproc else ""))
     same = all(r["rows"] == ours["rows"] and r["real_tokens"] == ours["real_tokens"] for _, r in official)
     print(f"check: both paths produced {ours['rows']} rows and {ours['real_tokens']:,} real tokens"
           if same else f"WARNING: the paths disagree: ours {ours['rows']} rows / {ours['real_tokens']} tokens, "
