@@ -150,7 +150,7 @@ def test_prepare_captions_pipeline(ray_local, tmp_path):
     pairs.append({"image": "1.png", "caption": ""})
     (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(p) for p in pairs))
     first = prepare_captions(str(tmp_path / "pairs.jsonl"), str(images), str(tmp_path / "a"), seed=3)
-    again = prepare_captions(str(tmp_path / "pairs.jsonl"), str(images), str(tmp_path / "b"), seed=3)
+    prepare_captions(str(tmp_path / "pairs.jsonl"), str(images), str(tmp_path / "b"), seed=3)
     assert first.rows == 40 and first.skipped == {"missing_image": 1, "bad_conversation": 1}
     a, b = read_dataset(str(tmp_path / "a")), read_dataset(str(tmp_path / "b"))
     assert {k: v["conversations"] for k, v in a.items()} == {k: v["conversations"] for k, v in b.items()}

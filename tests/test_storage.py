@@ -11,7 +11,7 @@ import pytest
 
 from llava import storage
 from llava.storage import StorageError
-from tests.s3_server import MotoServer, s3_bucket, s3_server  # noqa: F401  (until conftest loads the plugin)
+from tests.s3_server import MotoServer
 
 
 @pytest.fixture(params=["local", "s3"])
