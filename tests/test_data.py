@@ -203,21 +203,79 @@ def digits_model_config(base_models, **overrides):
 
 def test_model_ready_rows_match_the_core_library(digits_dir, base_models, tokenizer):
     import numpy as np
+    import torch
 
-    from llava.data.reader import model_ready_dataset
+    from llava.data.reader import collate, model_ready_dataset, row_pixel_values
     from llava.image_processing import load_pixel_values
     from llava.tokenization import tokenize_conversation
 
     config = digits_model_config(base_models)
-    ready = {r["id"]: r for r in model_ready_dataset([str(digits_dir / "stage2")], config, 16).take_all()}
+    dataset = model_ready_dataset([str(digits_dir / "stage2")], config, 16).materialize()
+    assert dataset.num_blocks() > 1  # preprocessing is spread over several tasks, not one per shard
+    ready = {r["id"]: r for r in dataset.take_all()}
     stored = read_dataset(str(digits_dir / "stage2"))
     assert set(ready) == set(stored) and len(ready) == 1497
-    for sample_id in list(stored)[:50]:
+    sample_ids = list(stored)[:50]
+    for sample_id in sample_ids:
         row, source = ready[sample_id], stored[sample_id]
         expected = tokenize_conversation(json.loads(source["conversations"]), tokenizer, "vicuna_v1", 16, 512, 1)
         assert list(row["input_ids"]) == expected.input_ids and list(row["labels"]) == expected.labels
-        pixels = np.frombuffer(row["pixel_values"], dtype=np.float32).reshape(1, 3, 32, 32)
-        np.testing.assert_array_equal(pixels[0], load_pixel_values(source["images"][0], config.image))
+        np.testing.assert_array_equal(row_pixel_values(row, 32)[0], load_pixel_values(source["images"][0], config.image))
+    # collate normalises the shipped uint8 pixels exactly like load_pixel_values does
+    batch = collate([ready[i] for i in sample_ids[:8]], 0, 32)
+    expected = np.stack([load_pixel_values(stored[i]["images"][0], config.image) for i in sample_ids[:8]])
+    assert batch.pixel_values.dtype == torch.float32 and batch.pixel_values.shape == (8, 3, 32, 32)
+    np.testing.assert_allclose(batch.pixel_values.numpy(), expected, rtol=0, atol=1e-6)
+
+
+def test_collate_pads_and_normalises_with_each_rows_image_config():
+    """No Ray: rows made by hand with two different ImageConfigs and a text-only row."""
+    import numpy as np
+
+    from llava.config import ImageConfig
+    from llava.data.reader import collate
+    from llava.image_processing import load_pixel_values, load_pixels_uint8
+
+    data = [png((200, 30, 90), (40, 24)), jpeg("teal")]
+    configs = [ImageConfig(size=16), ImageConfig(size=16, aspect="crop", mean=(0.5, 0.5, 0.5), std=(0.25, 0.5, 1.0))]
+
+    def row(i, length, images, config):
+        pixels = np.stack([load_pixels_uint8(d, config) for d in images]).tobytes() if images else b""
+        return {"id": f"r{i}", "input_ids": list(range(1, length + 1)), "labels": [-100] + list(range(2, length + 1)),
+                "pixels_uint8": pixels, "pixel_mean": list(config.mean), "pixel_std": list(config.std),
+                "num_images": len(images), "length": length}
+
+    rows = [row(0, 3, data, configs[0]), row(1, 5, [], configs[0]), row(2, 2, data[1:], configs[1])]
+    batch = collate(rows, pad_token_id=7, image_size=16)
+    assert batch.ids == ["r0", "r1", "r2"] and batch.real_tokens == 10 and batch.padded_tokens == 15
+    assert batch.input_ids.tolist() == [[1, 2, 3, 7, 7], [1, 2, 3, 4, 5], [1, 2, 7, 7, 7]]
+    assert batch.labels.tolist() == [[-100, 2, 3, -100, -100], [-100, 2, 3, 4, 5], [-100, 2, -100, -100, -100]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    expected = np.stack([load_pixel_values(data[0], configs[0]), load_pixel_values(data[1], configs[0]),
+                         load_pixel_values(data[1], configs[1])])
+    np.testing.assert_allclose(batch.pixel_values.numpy(), expected, rtol=0, atol=1e-6)
+    assert collate(rows[1:2], 0, 16).pixel_values is None
+    with pytest.raises(ValueError, match="image_size"):
+        collate(rows, 0, 32)
+
+
+def test_first_batch_needs_only_the_first_small_window():
+    from llava.data.reader import LengthGroupedBatcher
+
+    consumed = []
+
+    def rows():
+        for i in range(100):
+            consumed.append(i)
+            yield {"id": str(i), "input_ids": [1] * (1 + i % 7), "labels": [1] * (1 + i % 7), "pixels_uint8": b"",
+                   "pixel_mean": [0.5] * 3, "pixel_std": [0.5] * 3, "num_images": 0, "length": 1 + i % 7}
+
+    batcher = LengthGroupedBatcher(batch_size=4, pad_token_id=0, image_size=8, window_batches=8, seed=3)
+    first = next(batcher.batches(rows()))
+    assert len(first.ids) == 4 and len(consumed) == 8  # first window: 2 batches, not 8
+    ids = [b.ids for b in LengthGroupedBatcher(4, 0, 8, window_batches=8, seed=3).batches(rows())]
+    assert ids == [b.ids for b in LengthGroupedBatcher(4, 0, 8, window_batches=8, seed=3).batches(rows())]
+    assert sorted(int(i) for batch in ids for i in batch) == list(range(100))
 
 
 def test_reader_drops_and_counts_rows_it_cannot_use(digits_dir, base_models):
