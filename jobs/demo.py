@@ -1,7 +1,6 @@
-"""Run the embedded demo offline: digits data -> tiny base models -> LLaVA -> one training step -> HF export.
+"""Run the embedded demo offline: digits -> tiny models -> stage 1 -> stage 2 (Ray Train + DeepSpeed) -> eval -> export.
 
-Until the training job lands this covers data preparation and the model path end to
-end; it ends by printing one JSON line with where everything went.
+Ends by printing one JSON line with the losses, the held-out accuracy and where the model went.
 """
 
 import argparse
@@ -10,10 +9,12 @@ import json
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides for both training stages")
 
 
 def run(args: argparse.Namespace) -> int:
     from llava.demo import run_demo
 
-    print(json.dumps(run_demo(args.out)))
+    print(json.dumps(run_demo(args.out, args.address, args.overrides)))
     return 0

@@ -1,10 +1,11 @@
-"""The embedded demo behind `llava-ray demo`: offline, no cluster, no cloud.
+"""The embedded demo behind `llava-ray demo`: the whole recipe offline, no cluster, no cloud.
 
-Prepares the digits data set on a local Ray (stage1 / stage2 / eval parquet), builds
-tiny offline base models and a LLaVA model with the LLaVA-1.5 projector, takes one
-stage-1 optimizer step on a digits sample read back through the training reader, saves
-and reloads the checkpoint, exports it to stock transformers and compares logits.
-Training on Ray Train replaces the single step when the training job lands.
+1. prepare the digits data set on a local Ray (stage1 / stage2 / eval parquet),
+2. build tiny offline base models (random CLIP + Llama + BPE tokenizer),
+3. stage 1 on Ray Train + DeepSpeed, 2 workers: projector only,
+4. stage 2 from the stage-1 run: projector + LLM,
+5. held-out accuracy by greedy decoding, 6. export to stock transformers.
+Re-running with the same --out resumes or reuses finished runs.
 """
 
 from __future__ import annotations
@@ -12,64 +13,58 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
-
-from llava.config import FreezeConfig, ImageConfig, ModelConfig
-from llava.export_hf import export_hf
-from llava.freeze import apply_freeze, count_trainable, parameter_groups
 from llava.data.prepare import prepare_digits
-from llava.data.reader import LengthGroupedBatcher, model_ready_dataset
+from llava.data.schema import Manifest
+from llava.evaluation.digits import heldout_accuracy
+from llava.export_hf import export_hf
 from llava.model import LlavaModel
 from llava.ray_runtime import init_ray
 from llava.tiny_models import build_tiny_base_models
+from llava.training.config import load_train_config
+from llava.training.trainer import train
 
 log = logging.getLogger(__name__)
 
 
-def run_demo(out: str | Path) -> dict:
+def run_demo(out: str | Path, address: str | None = None, overrides: list[str] | None = None) -> dict:
+    """Returns the summary printed as the demo's JSON line. `overrides` apply to both stages."""
     out = Path(out).absolute()
-    torch.manual_seed(0)
-    log.info("step 1/5: preparing the digits data set under %s", out / "data")
-    init_ray()
-    manifests = prepare_digits(str(out / "data"))
+    data, runs = out / "data", out / "runs"
+    init_ray(address)
+    log.info("step 1/6: digits data set -> %s", data)
+    if all((data / split / "_manifest.json").exists() for split in ("stage1", "stage2", "eval")):
+        manifests = {split: Manifest.read(str(data / split)) for split in ("stage1", "stage2", "eval")}
+    else:
+        manifests = prepare_digits(str(data))
 
-    log.info("step 2/5: building tiny offline base models under %s", out / "base")
+    log.info("step 2/6: tiny offline base models -> %s", out / "base")
     base = build_tiny_base_models(out / "base")
-    config = ModelConfig(
-        vision_tower=base["vision_tower"], llm=base["llm"], template="plain", max_length=512,
-        image=ImageConfig(size=32, aspect="pad"),
-    )
-    model = LlavaModel.from_config(config)
 
-    log.info("step 3/5: one stage-1 step (projector only) on a batch read through the training reader")
-    apply_freeze(model, FreezeConfig(preset="stage1"))
-    rows = model_ready_dataset([str(out / "data" / "stage1")], config, model.num_image_tokens).take(16)
-    batch = next(LengthGroupedBatcher(16, model.tokenizer.pad_token_id, config.image.size).batches(rows))
-    input_ids, labels, pixel_values = batch.input_ids, batch.labels, batch.pixel_values
-    optimizer = torch.optim.AdamW(parameter_groups(model, 1e-3, FreezeConfig()), weight_decay=0.0)
-    loss_before = model(input_ids, attention_mask=batch.attention_mask, pixel_values=pixel_values, labels=labels).loss
-    loss_before.backward()
-    optimizer.step()
+    log.info("step 3/6: stage 1 (projector only) -> %s", runs / "stage1")
+    stage1 = train(load_train_config("pretrain", preset="demo", overrides=[
+        f"model.vision_tower={base['vision_tower']}", f"model.llm={base['llm']}",
+        f"data.train=[{data / 'stage1'}]", f"checkpoint.storage_path={runs}", *(overrides or [])]))
 
-    log.info("step 4/5: saving and reloading the checkpoint")
-    checkpoint = model.save_pretrained(out / "checkpoint")
-    reloaded = LlavaModel.from_pretrained(checkpoint)
+    log.info("step 4/6: stage 2 (projector + LLM) from %s -> %s", stage1.run_dir, runs / "stage2")
+    stage2 = train(load_train_config("finetune", preset="demo", overrides=[
+        f"init_from={stage1.run_dir}", f"data.train=[{data / 'stage2'}]", f"checkpoint.storage_path={runs}",
+        *(overrides or [])]))
 
-    log.info("step 5/5: exporting to Hugging Face format and comparing logits")
-    from transformers import LlavaForConditionalGeneration
+    log.info("step 5/6: held-out accuracy on %d digits", manifests["eval"].rows)
+    model = LlavaModel.from_pretrained(stage2.model)
+    accuracy = heldout_accuracy(model, str(data / "eval"))
+    log.info("held-out accuracy %.3f (%d/%d)", accuracy["accuracy"], accuracy["correct"], accuracy["total"])
 
-    export = export_hf(reloaded, out / "export")
-    hf_model = LlavaForConditionalGeneration.from_pretrained(export.path)
-    with torch.no_grad():
-        ours = reloaded(input_ids, attention_mask=batch.attention_mask, pixel_values=pixel_values, labels=labels)
-        theirs = hf_model(input_ids=input_ids, attention_mask=batch.attention_mask, pixel_values=pixel_values).logits
+    log.info("step 6/6: export to Hugging Face format -> %s", out / "export")
+    export = export_hf(model, out / "export")
     return {
-        "data_dir": str(out / "data"),
-        "data": {split: {"rows": m.rows, "skipped": m.skipped} for split, m in manifests.items()},
-        "trainable_parameters": count_trainable(model),
-        "loss_before_step": round(loss_before.item(), 4),
-        "loss_after_step": round(float(ours.loss), 4),
-        "export_max_abs_logit_diff": float(((ours.logits - theirs).abs() * batch.attention_mask[..., None]).max()),
-        "checkpoint": str(checkpoint),
+        "stage1_loss_start": round(stage1.metrics[0]["loss"], 4),
+        "stage1_loss_end": round(stage1.metrics[-1]["loss"], 4),
+        "stage2_loss_start": round(stage2.metrics[0]["loss"], 4),
+        "stage2_loss_end": round(stage2.metrics[-1]["loss"], 4),
+        "heldout_accuracy": round(accuracy["accuracy"], 4),
+        "stage1_run": stage1.run_dir,
+        "checkpoint": stage2.model,
         "export": export.path,
+        "data": {split: {"rows": m.rows, "skipped": m.skipped} for split, m in manifests.items()},
     }

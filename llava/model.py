@@ -9,6 +9,7 @@ On-disk format of a checkpoint directory (see `save_pretrained`):
     llava_config.json       ModelConfig + format version
     projector.safetensors   always
     llm/                    HF causal LM + tokenizer, when saved (stage 2); else the base `config.llm` is used
+    llm_adapter/            peft LoRA adapter of the LLM (LoRA stage 2); merged into the LLM on load
     vision/                 HF CLIP vision model, when saved; else the base `config.vision_tower` is used
 """
 
@@ -35,8 +36,18 @@ FORMAT_VERSION = 1
 
 
 def _from_pretrained(cls, path: str, **kwargs):
-    """`cls.from_pretrained` that refuses pickle weights (safetensors only)."""
-    return cls.from_pretrained(path, use_safetensors=True, **kwargs)
+    """`cls.from_pretrained` that refuses pickle weights (safetensors only); s3:// URIs are mirrored locally."""
+    return cls.from_pretrained(_local(path), use_safetensors=True, **kwargs)
+
+
+def _local(path: str) -> str:
+    from llava import storage
+
+    return storage.local_copy(path) if storage.is_s3(str(path)) else str(path)
+
+
+def _split_state_dict(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 def resize_embeddings_deterministically(llm: nn.Module, new_size: int) -> None:
@@ -74,46 +85,69 @@ class LlavaModel(nn.Module):
 
         vision = _from_pretrained(CLIPVisionModel, config.vision_tower, dtype=dtype)
         llm = _from_pretrained(AutoModelForCausalLM, config.llm, dtype=dtype)
-        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(config.tokenizer_path), config.template)
+        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(_local(config.tokenizer_path)), config.template)
         resize_embeddings_deterministically(llm, len(tokenizer))
         projector = build_projector(config.projector, vision.config.hidden_size, llm.get_input_embeddings().embedding_dim)
         log.info("built LLaVA: vision=%s llm=%s projector=%s", config.vision_tower, config.llm, config.projector.type)
         return cls(config, vision, projector.to(dtype), llm, tokenizer)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "LlavaModel":
-        """Load a checkpoint directory written by `save_pretrained`."""
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, **overrides) -> "LlavaModel":
+        """Load a checkpoint directory written by `save_pretrained` (local or s3://).
+
+        `overrides` replace data-side fields of the saved config (template, max_length, image),
+        e.g. stage 2 with another conversation template than stage 1.
+        """
         from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
 
-        path = Path(path)
+        path = Path(_local(str(path)))
         config_file = path / CONFIG_FILE
         if not config_file.exists():
             raise FileNotFoundError(f"{path} is not a llava-ray checkpoint: {CONFIG_FILE} is missing")
         saved = json.loads(config_file.read_text())
-        config = config_from_dict(ModelConfig, saved["model"])
+        unknown = set(overrides) - {"template", "max_length", "image"}
+        if unknown:
+            raise ValueError(f"only template, max_length and image can be overridden on load, got {sorted(unknown)}")
+        config = config_from_dict(ModelConfig, {**saved["model"], **overrides})
         vision_path = str(path / "vision") if (path / "vision").is_dir() else config.vision_tower
         llm_path = str(path / "llm") if (path / "llm").is_dir() else config.llm
         tokenizer_path = str(path / "llm") if (path / "llm" / "tokenizer_config.json").exists() else config.tokenizer_path
         vision = _from_pretrained(CLIPVisionModel, vision_path, dtype=dtype)
         llm = _from_pretrained(AutoModelForCausalLM, llm_path, dtype=dtype)
-        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(tokenizer_path), config.template)
+        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(_local(tokenizer_path)), config.template)
         resize_embeddings_deterministically(llm, len(tokenizer))
+        if (path / "llm_adapter").is_dir():  # LoRA stage 2: merge the adapter into the base LLM
+            from peft import PeftModel
+
+            llm = PeftModel.from_pretrained(llm, str(path / "llm_adapter")).merge_and_unload()
+            log.info("merged the LoRA adapter %s into the LLM", path / "llm_adapter")
         projector = build_projector(config.projector, vision.config.hidden_size, llm.get_input_embeddings().embedding_dim)
         projector.load_state_dict(load_file(str(path / PROJECTOR_FILE)))
         log.info("loaded LLaVA checkpoint %s (llm from %s, vision from %s)", path, llm_path, vision_path)
         return cls(config, vision, projector.to(dtype), llm, tokenizer)
 
-    def save_pretrained(self, path: str | Path, llm: bool = True, vision: bool = False) -> Path:
-        """Write the checkpoint. Components not saved are reloaded from the base ids in the config."""
+    def save_pretrained(self, path: str | Path, llm: bool = True, vision: bool = False,
+                        state_dict: Optional[dict[str, torch.Tensor]] = None) -> Path:
+        """Write the checkpoint. Components not saved are reloaded from the base ids in the config.
+
+        `state_dict` (this module's full state dict) replaces the live weights, for callers whose
+        parameters are sharded (DeepSpeed ZeRO-3 consolidates them on one rank). An LLM wrapped by
+        peft is saved as its LoRA adapter (`llm_adapter/`).
+        """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.projector.state_dict().items()}
-        save_file(state, str(path / PROJECTOR_FILE))
-        if llm:
-            self.llm.save_pretrained(path / "llm", safe_serialization=True)
+        state_dict = self.state_dict() if state_dict is None else state_dict
+        projector = {k: v.detach().contiguous().cpu() for k, v in _split_state_dict(state_dict, "projector.").items()}
+        save_file(projector, str(path / PROJECTOR_FILE))
+        if llm and hasattr(self.llm, "peft_config"):
+            self.llm.save_pretrained(path / "llm_adapter", state_dict=_split_state_dict(state_dict, "llm."),
+                                     save_embedding_layers=False)
+        elif llm:
+            self.llm.save_pretrained(path / "llm", state_dict=_split_state_dict(state_dict, "llm."), safe_serialization=True)
             self.tokenizer.save_pretrained(path / "llm")
         if vision:
-            self.vision_tower.save_pretrained(path / "vision", safe_serialization=True)
+            self.vision_tower.save_pretrained(path / "vision", state_dict=_split_state_dict(state_dict, "vision_tower."),
+                                              safe_serialization=True)
         meta = {"format_version": FORMAT_VERSION, "model": config_to_dict(self.config), "num_image_tokens": self.num_image_tokens}
         (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
         return path

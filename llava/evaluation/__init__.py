@@ -1,0 +1,1 @@
+"""Evaluation: held-out digits (the demo), and the benchmark jobs."""

@@ -1,0 +1,154 @@
+"""Typed configuration of the training jobs (`llava-ray pretrain` / `llava-ray finetune`).
+
+One dataclass per job, nested per component. Built from the job's defaults, then a preset
+(`llava/presets/<name>/<job>.yaml`), then a YAML file, then `a.b=value` overrides
+(see `load_train_config`). Recipes: Liu et al. 2023 (v1) and the LLaVA-1.5 scripts (v1_5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import OmegaConf
+
+from llava.config import FreezeConfig, ModelConfig
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=list)  # dataset dirs or shard URIs (local or s3://)
+    micro_batch_size: int = 16  # per worker, per forward pass
+    group_by_length: bool = True  # batches of similar length and modality (official sampler)
+    window_batches: int = 16  # rows sorted within windows of this many batches
+    seed: int = 0  # data order is a function of (seed, epoch)
+    cache: bool = False  # preprocess once into the object store and reuse every epoch (data sets that fit)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-3
+    global_batch_size: int = 128  # kept whatever the cluster size, by gradient accumulation
+    epochs: float = 1.0
+    max_steps: Optional[int] = None  # stop after this many optimizer steps (overrides epochs when smaller)
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 2  # 0-3
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer state in CPU memory
+    offload_params: bool = False  # ZeRO-3 only: parameters in CPU memory
+    bf16: str = "auto"  # auto (on where the GPU supports it) | true | false
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class WorkersConfig:
+    num_workers: int = 2
+    use_gpu: str = "auto"  # auto (if the cluster has GPUs) | true | false
+    cpus_per_worker: float = 1.0  # leave the rest of the cluster's CPUs to Ray Data
+    gpus_per_worker: float = 1.0  # used when use_gpu resolves to true
+
+
+@dataclass
+class CheckpointConfig:
+    storage_path: str = "runs"  # local dir or s3://bucket/prefix, shared by every node
+    run_name: str = "llava"  # same name + storage path = resume that run
+    every_steps: int = 500  # 0: only at the end
+    keep: int = 2  # newest K checkpoints kept
+    max_failures: int = 3  # worker failures survived by restarting from the newest checkpoint
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters (peft) on the LLM's linear layers only; never on the vision tower."""
+
+    enabled: bool = False
+    r: int = 128
+    alpha: int = 256
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                               "gate_proj", "up_proj", "down_proj"])
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    init_from: Optional[str] = None  # a llava-ray checkpoint or run dir (e.g. the stage-1 run) to start from
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log_every_steps: int = 10
+    record_samples_to: Optional[str] = None  # local dir: every micro-batch's sample ids per rank (resume audits)
+
+    def validate(self) -> None:
+        if not self.data.train:
+            raise ValueError("data.train is empty: give at least one dataset URI (data.train=[URI,...])")
+        if self.deepspeed.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"deepspeed.zero_stage must be 0-3, got {self.deepspeed.zero_stage}")
+        if self.deepspeed.offload_params and self.deepspeed.zero_stage != 3:
+            raise ValueError("deepspeed.offload_params needs deepspeed.zero_stage=3")
+        for name in ("bf16",):
+            if getattr(self.deepspeed, name) not in ("auto", "true", "false"):
+                raise ValueError(f"deepspeed.{name} must be auto, true or false")
+        if self.workers.use_gpu not in ("auto", "true", "false"):
+            raise ValueError("workers.use_gpu must be auto, true or false")
+        if self.data.micro_batch_size <= 0 or self.optim.global_batch_size <= 0 or self.workers.num_workers <= 0:
+            raise ValueError("data.micro_batch_size, optim.global_batch_size and workers.num_workers must be positive")
+        if self.lora.enabled and self.freeze.llm is False:
+            raise ValueError("lora.enabled trains LLM adapters but freeze.llm=false freezes the LLM")
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    """Stage 1, feature alignment: only the projector trains (paper §4.1)."""
+
+    freeze: FreezeConfig = field(default_factory=lambda: FreezeConfig(preset="stage1"))
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    """Stage 2, end-to-end: projector + LLM (or LoRA adapters on the LLM) from the stage-1 output."""
+
+    freeze: FreezeConfig = field(default_factory=lambda: FreezeConfig(preset="stage2"))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-5, global_batch_size=32, epochs=3.0))
+
+
+JOB_CONFIGS = {"pretrain": PretrainConfig, "finetune": FinetuneConfig}
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name for p in PRESETS_DIR.iterdir() if p.is_dir())
+
+
+def load_train_config(job: str, preset: str | None = None, path: str | None = None,
+                      overrides: list[str] | None = None) -> TrainConfig:
+    """defaults <- preset <- YAML file <- overrides, type-checked into the job's dataclass."""
+    cls = JOB_CONFIGS[job]
+    merged = OmegaConf.structured(cls)
+    if preset:
+        preset_file = PRESETS_DIR / preset / f"{job}.yaml"
+        if not preset_file.exists():
+            raise ValueError(f"unknown preset {preset!r} for {job}; choose one of {preset_names()}")
+        merged = OmegaConf.merge(merged, OmegaConf.load(preset_file))
+    if path:
+        merged = OmegaConf.merge(merged, OmegaConf.load(path))
+    if overrides:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ValueError(f"overrides must look like key.sub=value, got {bad}")
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+    config = OmegaConf.to_object(merged)
+    config.validate()
+    return config

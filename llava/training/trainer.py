@@ -1,0 +1,143 @@
+"""Driver side of a training job: plan the run, hand it to Ray Train, record where the model went.
+
+    result = train(load_train_config("pretrain", preset="v1_5", overrides=[...]))
+
+The run lives in `<checkpoint.storage_path>/<checkpoint.run_name>` (local or s3://): Ray Train's
+checkpoints (`checkpoint_*/{ds,hf}/`, newest K kept), `metrics.jsonl`, and `output.json`, which
+names the final model and is what `init_from` / `llava-ray export` accept as the run's model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+
+import ray
+
+from llava import storage
+from llava.config import ModelConfig, config_from_dict, config_to_dict
+from llava.data.ingest import SkipCounter
+from llava.data.reader import expand_dataset_uris, model_ready_dataset
+from llava.data.schema import Manifest, parquet_rows
+from llava.model import CONFIG_FILE
+from llava.projectors import num_image_tokens
+from llava.training.config import TrainConfig
+from llava.training.engine import RUN_OUTPUT_FILE, StepPlan, resolve_model_uri
+from llava.training.loop import HF_DIR, train_loop
+from llava.training.state import METRICS_FILE
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    model: str  # consolidated weights of the final checkpoint (a llava-ray checkpoint dir)
+    checkpoint: str
+    steps: int
+    metrics: list[dict]
+    skipped_rows: dict[str, int]
+
+
+def count_rows(uris: list[str]) -> int:
+    """Rows in the training data, from dataset manifests (or shard footers when there is none)."""
+    total = 0
+    for uri in uris:
+        if not uri.endswith(".parquet") and storage.exists(storage.join(uri, "_manifest.json")):
+            total += Manifest.read(uri).rows
+        else:
+            total += sum(parquet_rows(shard) for shard in expand_dataset_uris([uri]))
+    return total
+
+
+def data_model_config(config: TrainConfig) -> tuple[ModelConfig, int]:
+    """(model config the data is prepared for, image tokens per image), without loading weights.
+
+    Starting from a checkpoint, its tokenizer and architecture win; template, length and image
+    settings come from this job's config.
+    """
+    data_side = {"template": config.model.template, "max_length": config.model.max_length,
+                 "image": config_to_dict(config.model.image)}
+    if config.init_from:
+        saved = json.loads(storage.read_text(storage.join(resolve_model_uri(config.init_from), CONFIG_FILE)))
+        return config_from_dict(ModelConfig, {**saved["model"], **data_side}), int(saved["num_image_tokens"])
+    from transformers import AutoConfig
+
+    from llava.model import _local
+
+    vision = AutoConfig.from_pretrained(_local(config.model.vision_tower))
+    vision = getattr(vision, "vision_config", vision)
+    features = (vision.image_size // vision.patch_size) ** 2 + (config.model.select_feature == "cls_patch")
+    if vision.image_size != config.model.image.size:
+        raise ValueError(f"model.image.size={config.model.image.size} but the vision tower takes {vision.image_size} px")
+    return config.model, num_image_tokens(config.model.projector, features)
+
+
+def _run_location(config: TrainConfig) -> tuple[str, object, str]:
+    """(storage path for Ray, its filesystem or None, run dir URI)."""
+    path = config.checkpoint.storage_path
+    if storage.is_s3(path):
+        fs, key = storage.filesystem(path)
+        return key, fs, storage.join(path, config.checkpoint.run_name)
+    path = os.path.abspath(path)
+    return path, None, os.path.join(path, config.checkpoint.run_name)
+
+
+def _checkpoint_uri(checkpoint, storage_path: str) -> str:
+    return f"s3://{checkpoint.path}" if storage.is_s3(storage_path) else checkpoint.path
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Run one training job on the current Ray cluster (call `init_ray` first)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    config.validate()
+    model_config, image_tokens = data_model_config(config)
+    rows = count_rows(config.data.train)
+    plan = StepPlan.build(config, rows, config.workers.num_workers)
+    log.info("%d training rows, %d workers x micro batch %d x accumulation %d = global batch %d; "
+             "%d steps/epoch, %d steps", rows, plan.world_size, plan.micro_batch_size, plan.accumulation,
+             plan.global_batch_size, plan.steps_per_epoch, plan.total_steps)
+    counter = SkipCounter.remote(5)
+    dataset = model_ready_dataset(config.data.train, model_config, image_tokens, counter=counter,
+                                  batch_size=max(8, config.data.micro_batch_size))
+    if config.data.cache:
+        log.info("preprocessing the training data once into the object store (data.cache=true)")
+        dataset = dataset.materialize()
+
+    use_gpu = config.workers.use_gpu == "true" or (
+        config.workers.use_gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+    resources = {"CPU": config.workers.cpus_per_worker, **({"GPU": config.workers.gpus_per_worker} if use_gpu else {})}
+    storage_path, filesystem, run_dir = _run_location(config)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"config": config_to_dict(config), "plan": asdict(plan)},
+        scaling_config=ScalingConfig(num_workers=plan.world_size, use_gpu=use_gpu, resources_per_worker=resources),
+        datasets={"train": dataset},
+        run_config=RunConfig(
+            name=config.checkpoint.run_name,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=config.checkpoint.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.keep),
+        ),
+    )
+    log.info("training run %s (outputs under %s)", config.checkpoint.run_name, run_dir)
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {run_dir} ended without a checkpoint: {result.error}")
+    checkpoint = _checkpoint_uri(result.checkpoint, config.checkpoint.storage_path)
+    metrics_text = storage.read_text(storage.join(checkpoint, METRICS_FILE))
+    metrics = [json.loads(line) for line in metrics_text.splitlines()]
+    skipped, examples = ray.get(counter.report.remote())
+    output = {"model": storage.join(checkpoint, HF_DIR), "checkpoint": checkpoint,
+              "steps": result.metrics.get("step"), "skipped_rows": skipped, "config": config_to_dict(config)}
+    storage.write_text(storage.join(run_dir, METRICS_FILE), metrics_text)
+    storage.write_text(storage.join(run_dir, RUN_OUTPUT_FILE), json.dumps(output, indent=2))
+    if skipped:
+        log.warning("rows skipped by the reader: %s (e.g. %s)", skipped, examples)
+    log.info("run %s done: model at %s", run_dir, output["model"])
+    return TrainResult(run_dir, output["model"], checkpoint, int(result.metrics.get("step", 0)), metrics, skipped)
