@@ -16,6 +16,8 @@ import sys
 COMMANDS = {
     "demo": "jobs.demo",
     "prepare": "jobs.prepare",
+    "pretrain": "jobs.pretrain",
+    "finetune": "jobs.finetune",
     "tiny-model": "jobs.tiny_model",
     "show-masks": "jobs.show_masks",
     "export": "jobs.export",

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import ray
+import ray.data
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +26,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, s3_endpoin
         os.environ["AWS_ENDPOINT_URL"] = env_vars["AWS_ENDPOINT_URL"] = s3_endpoint
     if ray.is_initialized():
         return
+    # Ray Data's progress bars redraw with carriage returns: noise in a log file, useful on a terminal.
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     runtime_env = {"env_vars": env_vars} if env_vars else None
     address = address or os.environ.get("RAY_ADDRESS")

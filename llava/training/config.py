@@ -90,7 +90,7 @@ class TrainConfig:
     workers: WorkersConfig = field(default_factory=WorkersConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log_every_steps: int = 10
-    record_samples_to: Optional[str] = None  # local dir: every micro-batch's sample ids per rank (resume audits)
+    audit_dir: Optional[str] = None  # local dir: sample ids of every micro-batch and weight checksums per checkpoint
 
     def validate(self) -> None:
         if not self.data.train:

@@ -34,7 +34,9 @@ class StepPlan:
     micro_batch_size: int
     accumulation: int
     steps_per_epoch: int
-    total_steps: int
+    total_steps: int  # length of the learning-rate schedule
+    epochs: int  # epochs to run (the last may stop early at stop_step)
+    stop_step: int | None  # stop here (max_steps, or a fractional last epoch); None: run the epochs out
 
     @property
     def global_batch_size(self) -> int:
@@ -49,10 +51,12 @@ class StepPlan:
                         config.optim.global_batch_size, world_size, micro, accumulation * micro * world_size)
         micro_batches = math.ceil((rows // world_size) / micro)  # per worker and epoch
         steps_per_epoch = max(1, micro_batches // accumulation)
-        total = max(1, math.ceil(steps_per_epoch * config.optim.epochs))
-        if config.optim.max_steps:
-            total = min(total, config.optim.max_steps)
-        return cls(world_size, micro, accumulation, steps_per_epoch, total)
+        epochs = config.optim.epochs
+        total = max(1, math.ceil(steps_per_epoch * epochs))
+        stop = total if epochs != int(epochs) else None
+        if config.optim.max_steps and config.optim.max_steps < total:
+            total = stop = config.optim.max_steps
+        return cls(world_size, micro, accumulation, steps_per_epoch, total, max(1, math.ceil(epochs)), stop)
 
 
 def resolve_model_uri(uri: str) -> str:
@@ -133,6 +137,20 @@ def build_engine(model: LlavaModel, config: TrainConfig, plan: StepPlan):
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(config, plan))
     return engine
+
+
+def component_checksums(state_dict: dict[str, torch.Tensor]) -> dict[str, str]:
+    """sha256 of each component's weights (vision / projector / llm), for audits of what a stage changed."""
+    import hashlib
+
+    digests = {"vision": hashlib.sha256(), "projector": hashlib.sha256(), "llm": hashlib.sha256()}
+    prefixes = {"vision_tower.": "vision", "projector.": "projector", "llm.": "llm"}
+    for name in sorted(state_dict):
+        component = next((c for p, c in prefixes.items() if name.startswith(p)), None)
+        if component:
+            digests[component].update(name.encode())
+            digests[component].update(state_dict[name].detach().float().cpu().numpy().tobytes())
+    return {name: digest.hexdigest() for name, digest in digests.items()}
 
 
 def full_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor] | None:

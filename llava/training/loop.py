@@ -20,7 +20,7 @@ from llava.config import config_from_dict
 from llava.data.reader import Batch, LengthGroupedBatcher
 from llava.tokenization import IGNORE_INDEX
 from llava.training.config import TrainConfig
-from llava.training.engine import StepPlan, build_engine, build_model, full_state_dict
+from llava.training.engine import StepPlan, build_engine, build_model, component_checksums, full_state_dict
 from llava.training.state import IntervalMetrics, SampleRecorder, TrainState, gather_ids
 
 log = logging.getLogger("llava.train")
@@ -50,7 +50,7 @@ class WorkerLoop:
         self.engine = build_engine(self.model, config, plan)
         self.state = TrainState()
         self.new_ids: list[str] = []  # consumed since the last checkpoint (this rank)
-        self.recorder = SampleRecorder(config.record_samples_to, self.rank)
+        self.recorder = SampleRecorder(config.audit_dir, self.rank)
         self.image_size = self.model.config.image.size
         self.batcher = LengthGroupedBatcher(plan.micro_batch_size, self.model.tokenizer.pad_token_id, self.image_size,
                                             window_batches=config.data.window_batches, seed=config.data.seed,
@@ -62,10 +62,10 @@ class WorkerLoop:
         if checkpoint:
             self._restore(checkpoint)
         shard = ray.train.get_dataset_shard("train")
-        max_epochs = max(1, -(-self.plan.total_steps // self.plan.steps_per_epoch))
         last_saved = self.state.step if checkpoint else -1
         interval, interval_start = IntervalMetrics(), self.state.step
-        while self.state.step < self.plan.total_steps and self.state.epoch < max_epochs:
+        stop = self.plan.stop_step
+        while self.state.epoch < self.plan.epochs and (stop is None or self.state.step < stop):
             rows = (row for row in shard.iter_rows() if row["id"] not in self.state.consumed)
             for batch, wait in self._synchronized(self.batcher.batches(rows, self.state.epoch)):
                 loss, stepped = self._micro_step(batch)
@@ -76,18 +76,20 @@ class WorkerLoop:
                 if not stepped:
                     continue
                 self.state.step += 1
-                if self.state.step % self.config.log_every_steps == 0 or self.state.step == self.plan.total_steps:
+                if self.state.step % self.config.log_every_steps == 0 or self.state.step == stop:
                     self._log(interval.reduce(self.state.step - interval_start))
                     interval, interval_start = IntervalMetrics(), self.state.step
                 every = self.config.checkpoint.every_steps
-                if every and self.state.step % every == 0 and self.state.step < self.plan.total_steps:
+                if every and self.state.step % every == 0 and self.state.step != stop:
                     self._save()
                     last_saved = self.state.step
-                if self.state.step >= self.plan.total_steps:
+                if self.state.step == stop:
                     break
             else:  # the epoch ran out of data on every worker
                 self.state.epoch += 1
                 self.state.consumed, self.new_ids = set(), []
+        if self.state.step != interval_start:  # same decision on every rank (the reduce is collective)
+            self._log(interval.reduce(self.state.step - interval_start))
         if last_saved != self.state.step:
             self._save()
 
@@ -147,6 +149,8 @@ class WorkerLoop:
                 self.model.save_pretrained(directory / HF_DIR, llm=self.trainable["llm"], vision=self.trainable["vision"],
                                            state_dict=weights)
                 self.state.save(directory)
+                if self.config.audit_dir:
+                    self.recorder.checksums(self.state.step, component_checksums(weights))
             metrics = {"step": self.state.step, "epoch": self.state.epoch,
                        **({"loss": self.state.metrics[-1]["loss"]} if self.state.metrics else {})}
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

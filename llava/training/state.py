@@ -86,7 +86,8 @@ class IntervalMetrics:
 
 
 class SampleRecorder:
-    """Optional audit log: every micro-batch's sample ids, per rank and process (JSONL)."""
+    """Optional audit log (JSONL per rank and process): every micro-batch's sample ids, and the
+    weight checksums per component at every checkpoint (rank 0)."""
 
     def __init__(self, directory: str | None, rank: int):
         self.file = None
@@ -100,4 +101,8 @@ class SampleRecorder:
     def record(self, epoch: int, step: int, ids: list[str]) -> None:
         if self.file:
             self.file.write(json.dumps({"epoch": epoch, "step": step, "pid": self.pid, "ids": ids}) + "\n")
+
+    def checksums(self, step: int, checksums: dict[str, str]) -> None:
+        if self.file:
+            self.file.write(json.dumps({"step": step, "pid": self.pid, "checksums": checksums}) + "\n")
 
