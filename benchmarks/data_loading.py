@@ -1,6 +1,6 @@
 """Data-loading throughput: our Ray Data path vs. the official LLaVA-style torch DataLoader.
 
-    python benchmarks/data_loading.py [--rows N] [--batch-size B] [--out-dir DIR] [--ray-cpus C]
+    python benchmarks/data_loading.py [--rows N] [--batch-size B] [--out-dir DIR] [--ray-cpus C] [--rows-per-block R]
 
 Both paths read the *same* synthetic LLaVA-JSON dataset (N rows, JPEGs of varied sizes,
 1-4 turn conversations, ~10% text-only rows) on the same machine, and both turn every row
@@ -11,7 +11,9 @@ per image, as CLIP-L/14 at 224 px gives). Only the data path is measured: no vis
 or LLM is run (the tiny offline base models only supply the tokenizer).
 
 (a) ours      LLaVA JSON --prepare_llava_json--> parquet (timed separately, once), then per epoch
-              model_ready_dataset(...).iter_rows() -> LengthGroupedBatcher(...).batches() -> Batch.
+              model_ready_dataset(...).iter_rows() -> LengthGroupedBatcher(...).batches() -> Batch
+              (preprocessing in Ray Data tasks over blocks of --rows-per-block rows; uint8 pixels
+              through the object store, normalised to float32 in collate).
 (b) official  json.load the whole JSON; torch Dataset whose __getitem__ reads the image file,
               preprocesses and tokenises it; DataLoader(batch_size=B, shuffle=True,
               num_workers=2 and 0) with a collate that pads to the batch max (no length grouping).
@@ -203,13 +205,13 @@ def own_and_reaped_children_cpu() -> float:
 # --- (a) ours --------------------------------------------------------------------------------------------------------
 
 
-def run_ours(shards: str, model_config: ModelConfig, batch_size: int, pad_id: int) -> dict:
+def run_ours(shards: str, model_config: ModelConfig, batch_size: int, pad_id: int, rows_per_block=None) -> dict:
     from llava.data.reader import LengthGroupedBatcher, model_ready_dataset
 
     def epoch() -> dict:
         batcher = LengthGroupedBatcher(batch_size=batch_size, pad_token_id=pad_id, image_size=IMAGE_SIZE, seed=0)
         start = time.perf_counter()
-        ds = model_ready_dataset([shards], model_config, NUM_IMAGE_TOKENS)
+        ds = model_ready_dataset([shards], model_config, NUM_IMAGE_TOKENS, rows_per_block=rows_per_block)
         first, rows, batches, real = None, 0, 0, 0
         driver_cpu = time.process_time()
         pull = 0.0  # time spent waiting on Ray Data for the next row
@@ -377,6 +379,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader num_workers for the main comparison (default 2)")
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="torch.set_num_threads in this process (default 0: leave torch's default)")
+    parser.add_argument("--rows-per-block", type=int, default=None,
+                        help="ours: rows per Ray Data block, i.e. per preprocessing task (default: the reader's)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -404,7 +408,7 @@ def main() -> None:
           f"numpy {np.__version__}")
     print(f"settings: rows={args.rows} batch_size={args.batch_size} image_size={IMAGE_SIZE} (aspect=pad) "
           f"num_image_tokens={NUM_IMAGE_TOKENS} template=vicuna_v1 max_length=2048 ray_cpus={args.ray_cpus} "
-          f"torch_threads(main process)={torch.get_num_threads()}; "
+          f"torch_threads(main process)={torch.get_num_threads()} rows_per_block={args.rows_per_block or 'default'}; "
           "no model is run (data path only)\n")
 
     # Tiny offline base models: only the tokenizer is used.
@@ -448,7 +452,7 @@ def main() -> None:
     print(f"ingestion (prepare_llava_json, once, not in the throughput): {ingest_s:.1f}s for {manifest.rows} rows "
           f"-> {len(manifest.shards)} shard(s), {shard_mb:.1f} MB; skipped {manifest.skipped or 'none'}")
 
-    ours = run_ours(str(parquet), model_config, args.batch_size, pad_id)
+    ours = run_ours(str(parquet), model_config, args.batch_size, pad_id, args.rows_per_block)
     ours["cores"] = min(nproc, args.ray_cpus)
     ray.shutdown()  # no idle Ray processes while the DataLoader is timed
 

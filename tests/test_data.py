@@ -106,8 +106,10 @@ def test_llava_json_from_and_to_s3_skips_and_counts_bad_rows(ray_local, s3_serve
     assert not storage.exists(f"{out_uri}/_staging/chunk-00000.parquet")  # staging removed
 
 
-def test_ray_data_reads_the_s3_dataset(ray_local, s3_server):
+def test_ray_data_reads_the_s3_dataset(ray_local, s3_server, base_models):
     import ray
+
+    from llava.data.reader import model_ready_dataset
 
     bucket = s3_server.make_bucket("llava-read")
     samples, files, good, _ = llava_fixture(f"{bucket}/img")
@@ -116,6 +118,9 @@ def test_ray_data_reads_the_s3_dataset(ray_local, s3_server):
     fs, path = storage.filesystem(f"{bucket}/out")
     ds = ray.data.read_parquet(path, filesystem=fs, columns=["id", "images"])
     assert sorted(r["id"] for r in ds.take_all()) == sorted(good)
+    # the training reader reads the same shards from the bucket
+    ready = model_ready_dataset([f"{bucket}/out"], digits_model_config(base_models), 16).take_all()
+    assert {r["id"]: r["num_images"] for r in ready} == {"good-1": 1, "good-2": 1, "good-text": 0, "good-multi": 2}
 
 
 def test_unusable_inputs_fail_fast_naming_the_uri(ray_local, s3_server, tmp_path):

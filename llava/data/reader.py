@@ -30,6 +30,7 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 import torch
 
@@ -141,23 +142,42 @@ def expand_dataset_uris(uris: Iterable[str]) -> list[str]:
     return shards
 
 
+SOURCE_COLUMNS = ["id", "images", "conversations"]
+
+
+def read_shards(batch: pa.Table, filesystem, columns: list[str], rows: int) -> Iterator[pa.Table]:
+    """Ray Data map_batches function: a batch of shard paths -> their rows (only `columns`), `rows` at a time."""
+    for path in batch.column("path").to_pylist():
+        with filesystem.open_input_file(path) as f:
+            for record_batch in pq.ParquetFile(f).iter_batches(batch_size=rows, columns=columns):
+                yield pa.Table.from_batches([record_batch])
+
+
 def model_ready_dataset(
     uris: Iterable[str], model_config: ModelConfig, num_image_tokens: int, counter=None, batch_size: int = 32,
     rows_per_block: Optional[int] = None,
 ) -> ray.data.Dataset:
     """A Ray Dataset of model-ready rows (READY_SCHEMA) from parquet datasets or shards.
 
-    The stored rows are re-cut into blocks of `rows_per_block` (default max(batch_size,
-    ROWS_PER_BLOCK)) before preprocessing: a shard is often a single parquet row group, read
-    as one block, and Ray Data runs one `map_batches` task per block, so without the cut one
-    task would do a whole shard's preprocessing on one core. `batch_size` is the
-    `map_batches` batch size inside a task.
+    Plan: one read task per shard (`read_shards`, only the needed columns) -> blocks of
+    `rows_per_block` rows (default max(batch_size, ROWS_PER_BLOCK)) -> `make_model_ready` in
+    `map_batches` tasks of `batch_size` rows. Ray Data runs one task per block, and a shard
+    is often a single parquet row group read as one block: without the re-cut one task would
+    do a whole shard's preprocessing on one core.
+
+    The shards are read with pyarrow in plain tasks rather than `ray.data.read_parquet`: in
+    Ray 2.60 every read_parquet execution first lists the files through 32 freshly started
+    footer-reader actors (RAY_DATA_PARQUET_FOOTER_NUM_ACTORS), i.e. 32 new worker processes
+    per epoch, which took seconds of CPU and wall time per epoch on a small machine.
     """
     shards = expand_dataset_uris(uris)
     fs, _ = storage.filesystem(shards[0])
-    ds = ray.data.read_parquet([storage.filesystem(s)[1] for s in shards], filesystem=fs)
-    ds = ds.select_columns(["id", "images", "conversations"])
-    ds = ds.repartition(target_num_rows_per_block=rows_per_block or max(batch_size, ROWS_PER_BLOCK))
+    paths = [storage.filesystem(s)[1] for s in shards]
+    rows = rows_per_block or max(batch_size, ROWS_PER_BLOCK)
+    ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths))
+    ds = ds.map_batches(read_shards, batch_format="pyarrow", batch_size=1,
+                        fn_kwargs={"filesystem": fs, "columns": SOURCE_COLUMNS, "rows": rows})
+    ds = ds.repartition(target_num_rows_per_block=rows)
     return ds.map_batches(
         make_model_ready,
         batch_format="pyarrow",
