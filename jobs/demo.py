@@ -4,7 +4,6 @@ Ends by printing one JSON line with the losses, the held-out accuracy and where 
 """
 
 import argparse
-import json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,5 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from llava.demo import run_demo
 
-    print(json.dumps(run_demo(args.out, args.address, args.overrides)))
+    from llava.cli import emit
+
+    emit(run_demo(args.out, args.address, args.overrides))
     return 0

@@ -1,7 +1,6 @@
 """Export a llava-ray checkpoint as a stock Hugging Face LlavaForConditionalGeneration directory."""
 
 import argparse
-import json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,5 +15,7 @@ def run(args: argparse.Namespace) -> int:
     from llava.model import LlavaModel
 
     result = export_hf(LlavaModel.from_pretrained(args.checkpoint), args.out)
-    print(json.dumps(asdict(result)))
+    from llava.cli import emit
+
+    emit(asdict(result))
     return 0

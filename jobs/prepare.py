@@ -1,7 +1,6 @@
 """Turn a data source into llava-ray's sharded parquet format (local or s3://), on Ray Data."""
 
 import argparse
-import json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,5 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
     init_ray(args.address, s3_endpoint=args.s3_endpoint)
     manifests = prepare(args)
-    print(json.dumps({name: asdict(m) for name, m in manifests.items()}))
+    from llava.cli import emit
+
+    emit({name: asdict(m) for name, m in manifests.items()})
     return 0

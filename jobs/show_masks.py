@@ -38,5 +38,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: sample {sample.get('id')!r} rejected: {error}", file=sys.stderr)
         return 2
     tokens = tokenizer.convert_ids_to_tokens(tokenized.input_ids)
-    print(json.dumps({"input_ids": tokenized.input_ids, "labels": tokenized.labels, "tokens": tokens}))
+    from llava.cli import emit
+
+    emit({"input_ids": tokenized.input_ids, "labels": tokenized.labels, "tokens": tokens})
     return 0

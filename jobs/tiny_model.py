@@ -1,7 +1,6 @@
 """Write tiny, randomly initialised base models (CLIP vision, Llama-style LM, BPE tokenizer) built offline."""
 
 import argparse
-import json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -13,5 +12,7 @@ def run(args: argparse.Namespace) -> int:
     from llava.tiny_models import build_tiny_base_models
 
     paths = build_tiny_base_models(args.out, seed=args.seed)
-    print(json.dumps(paths))
+    from llava.cli import emit
+
+    emit(paths)
     return 0

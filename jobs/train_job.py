@@ -1,7 +1,6 @@
 """Shared command line of the two training jobs (pretrain, finetune)."""
 
 import argparse
-import json
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,5 +24,7 @@ def run_train(job: str, args: argparse.Namespace) -> int:
     summary = {k: v for k, v in asdict(result).items() if k != "metrics"}
     summary["loss_start"] = result.metrics[0]["loss"] if result.metrics else None
     summary["loss_end"] = result.metrics[-1]["loss"] if result.metrics else None
-    print(json.dumps(summary))
+    from llava.cli import emit
+
+    emit(summary)
     return 0

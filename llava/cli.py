@@ -1,8 +1,9 @@
 """The `llava-ray` command: one CLI, one subcommand per job module in `jobs/`.
 
 Each job module defines `add_arguments(parser)` and `run(args) -> int`, and keeps
-its heavy imports inside `run` so `llava-ray --help` stays fast. Results go to
-stdout (JSON where a program may read them); progress and logs go to stderr.
+its heavy imports inside `run` so `llava-ray --help` stays fast. A job's result goes to
+stdout as one JSON line (`emit`); everything else printed while it runs (logs, progress,
+Ray's forwarded worker output, DeepSpeed banners) is sent to stderr.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ import argparse
 import importlib
 import logging
 import os
+import json
 import sys
+
+_results = sys.stdout  # where `emit` writes; main() points sys.stdout at stderr while a job runs
 
 COMMANDS = {
     "demo": "jobs.demo",
@@ -37,7 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def emit(result) -> None:
+    """Write a job's result to stdout as one JSON line."""
+    print(json.dumps(result), file=_results, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
+    global _results
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -48,7 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    return int(args.run(args) or 0)
+    _results, sys.stdout = sys.stdout, sys.stderr
+    try:
+        return int(args.run(args) or 0)
+    finally:
+        if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+            sys.modules["ray"].shutdown()  # flush forwarded worker logs while they still go to stderr
+        sys.stdout = _results
 
 
 if __name__ == "__main__":

@@ -75,3 +75,15 @@ def test_unknown_subcommand_fails_cleanly():
     with pytest.raises(SystemExit) as error:
         main(["no-such-command"])
     assert error.value.code == 2
+
+
+def test_demo_runs_both_stages_and_prints_its_summary(tmp_path):
+    """The README's main job, shortened to a few steps per stage (the full run is documented in the README)."""
+    result = llava_ray("demo", "--out", str(tmp_path / "demo"), "optim.max_steps=3")
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    for key in ("stage1_loss_start", "stage1_loss_end", "stage2_loss_end", "heldout_accuracy", "checkpoint", "export"):
+        assert key in summary
+    assert 0.0 <= summary["heldout_accuracy"] <= 1.0
+    assert (Path(summary["checkpoint"]) / "llm" / "model.safetensors").exists()
+    assert (Path(summary["export"]) / "config.json").exists()
+    assert json.loads((tmp_path / "demo" / "runs" / "stage2" / "output.json").read_text())["model"] == summary["checkpoint"]
