@@ -13,9 +13,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llava.demo import run_demo
-
     from llava.cli import emit
+    from llava.demo import run_demo
 
     emit(run_demo(args.out, args.address, args.overrides))
     return 0

@@ -29,12 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
+    from llava.cli import emit
     from llava.data.prepare import prepare
     from llava.ray_runtime import init_ray
 
     init_ray(args.address, s3_endpoint=args.s3_endpoint)
     manifests = prepare(args)
-    from llava.cli import emit
-
     emit({name: asdict(m) for name, m in manifests.items()})
     return 0

@@ -15,6 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from llava.cli import emit
     from transformers import AutoTokenizer
 
     from llava.templates import SampleRejected
@@ -38,7 +39,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: sample {sample.get('id')!r} rejected: {error}", file=sys.stderr)
         return 2
     tokens = tokenizer.convert_ids_to_tokens(tokenized.input_ids)
-    from llava.cli import emit
-
     emit({"input_ids": tokenized.input_ids, "labels": tokenized.labels, "tokens": tokens})
     return 0

@@ -14,6 +14,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def run_train(job: str, args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
+    from llava.cli import emit
     from llava.ray_runtime import init_ray
     from llava.training.config import load_train_config
     from llava.training.trainer import train
@@ -24,7 +25,5 @@ def run_train(job: str, args: argparse.Namespace) -> int:
     summary = {k: v for k, v in asdict(result).items() if k != "metrics"}
     summary["loss_start"] = result.metrics[0]["loss"] if result.metrics else None
     summary["loss_end"] = result.metrics[-1]["loss"] if result.metrics else None
-    from llava.cli import emit
-
     emit(summary)
     return 0
