@@ -482,7 +482,8 @@ def main() -> None:
     print(f"check: both paths produced {ours['rows']} rows and {ours['real_tokens']:,} real tokens"
           if same else f"WARNING: the paths disagree: ours {ours['rows']} rows / {ours['real_tokens']} tokens, "
           f"official {[(r['rows'], r['real_tokens']) for _, r in official]}")
-    print("padding: ours groups by (modality, length) in windows of 16 batches; the official DataLoader here "
+    print("padding: ours groups by (modality, length) in windows of 16 batches (the first windows 2, 4, 8 batches, "
+          "so the first batch comes early); the official DataLoader here "
           "shuffles without grouping (LLaVA's default unless group_by_modality_length=True).\n")
     print(table(ours, official))
 
