@@ -97,11 +97,12 @@ class FreezeConfig:
 T = TypeVar("T")
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Build `cls` from its defaults, then a YAML file, then `a.b=value` overrides."""
+def load_config(cls: type[T], path: str | Path | list[str | Path] | None = None,
+                overrides: list[str] | None = None) -> T:
+    """Build `cls` from its defaults, then YAML file(s) in order (later wins), then `a.b=value` overrides."""
     merged = OmegaConf.structured(cls)
-    if path is not None:
-        merged = OmegaConf.merge(merged, OmegaConf.load(str(path)))
+    for layer in ([] if path is None else path if isinstance(path, list) else [path]):
+        merged = OmegaConf.merge(merged, OmegaConf.load(str(layer)))
     if overrides:
         bad = [o for o in overrides if "=" not in o]
         if bad:

@@ -46,6 +46,24 @@ def _local(path: str) -> str:
     return storage.local_copy(path) if storage.is_s3(str(path)) else str(path)
 
 
+def image_tokens_per_image(config: ModelConfig, vision_config) -> int:
+    """Tokens one image becomes: patch features (+ CLS if selected) mapped by the projector."""
+    vision_config = getattr(vision_config, "vision_config", vision_config)  # a CLIPConfig holds its vision part
+    features = (vision_config.image_size // vision_config.patch_size) ** 2 + (config.select_feature == "cls_patch")
+    return num_image_tokens(config.projector, features)
+
+
+def expected_image_tokens(config: ModelConfig) -> int:
+    """`image_tokens_per_image` from the vision tower's config alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    vision = AutoConfig.from_pretrained(_local(config.vision_tower))
+    vision = getattr(vision, "vision_config", vision)
+    if vision.image_size != config.image.size:
+        raise ValueError(f"model.image.size={config.image.size} but the vision tower takes {vision.image_size} px")
+    return image_tokens_per_image(config, vision)
+
+
 def _split_state_dict(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
@@ -73,8 +91,7 @@ class LlavaModel(nn.Module):
         self.image_token_id = image_token_id(tokenizer)
         vision = vision_tower.config
         self.num_patches = (vision.image_size // vision.patch_size) ** 2
-        features = self.num_patches + (1 if config.select_feature == "cls_patch" else 0)
-        self.num_image_tokens = num_image_tokens(config.projector, features)
+        self.num_image_tokens = image_tokens_per_image(config, vision)
         self.vision_tower.requires_grad_(False)  # frozen unless a freeze policy says otherwise
 
     # ---- construction -------------------------------------------------------------------

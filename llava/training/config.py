@@ -11,9 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from omegaconf import OmegaConf
-
-from llava.config import FreezeConfig, ModelConfig
+from llava.config import FreezeConfig, ModelConfig, load_config
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 
@@ -135,20 +133,14 @@ def preset_names() -> list[str]:
 def load_train_config(job: str, preset: str | None = None, path: str | None = None,
                       overrides: list[str] | None = None) -> TrainConfig:
     """defaults <- preset <- YAML file <- overrides, type-checked into the job's dataclass."""
-    cls = JOB_CONFIGS[job]
-    merged = OmegaConf.structured(cls)
+    layers = []
     if preset:
         preset_file = PRESETS_DIR / preset / f"{job}.yaml"
         if not preset_file.exists():
             raise ValueError(f"unknown preset {preset!r} for {job}; choose one of {preset_names()}")
-        merged = OmegaConf.merge(merged, OmegaConf.load(preset_file))
+        layers.append(preset_file)
     if path:
-        merged = OmegaConf.merge(merged, OmegaConf.load(path))
-    if overrides:
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise ValueError(f"overrides must look like key.sub=value, got {bad}")
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
-    config = OmegaConf.to_object(merged)
+        layers.append(path)
+    config = load_config(JOB_CONFIGS[job], layers, overrides)
     config.validate()
     return config

@@ -21,8 +21,7 @@ from llava.config import ModelConfig, config_from_dict, config_to_dict
 from llava.data.ingest import SkipCounter
 from llava.data.reader import expand_dataset_uris, model_ready_dataset
 from llava.data.schema import Manifest, parquet_rows
-from llava.model import CONFIG_FILE
-from llava.projectors import num_image_tokens
+from llava.model import CONFIG_FILE, expected_image_tokens
 from llava.training.config import TrainConfig
 from llava.training.engine import RUN_OUTPUT_FILE, StepPlan, resolve_model_uri
 from llava.training.loop import HF_DIR, train_loop
@@ -63,16 +62,7 @@ def data_model_config(config: TrainConfig) -> tuple[ModelConfig, int]:
     if config.init_from:
         saved = json.loads(storage.read_text(storage.join(resolve_model_uri(config.init_from), CONFIG_FILE)))
         return config_from_dict(ModelConfig, {**saved["model"], **data_side}), int(saved["num_image_tokens"])
-    from transformers import AutoConfig
-
-    from llava.model import _local
-
-    vision = AutoConfig.from_pretrained(_local(config.model.vision_tower))
-    vision = getattr(vision, "vision_config", vision)
-    features = (vision.image_size // vision.patch_size) ** 2 + (config.model.select_feature == "cls_patch")
-    if vision.image_size != config.model.image.size:
-        raise ValueError(f"model.image.size={config.model.image.size} but the vision tower takes {vision.image_size} px")
-    return config.model, num_image_tokens(config.model.projector, features)
+    return config.model, expected_image_tokens(config.model)
 
 
 def _run_location(config: TrainConfig) -> tuple[str, object, str]:
