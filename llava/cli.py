@@ -25,6 +25,7 @@ COMMANDS = {
     "tiny-model": "jobs.tiny_model",
     "show-masks": "jobs.show_masks",
     "export": "jobs.export",
+    "infer": "jobs.infer",
 }
 
 

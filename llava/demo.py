@@ -4,7 +4,8 @@
 2. build tiny offline base models (random CLIP + Llama + BPE tokenizer),
 3. stage 1 on Ray Train + DeepSpeed, 2 workers: projector only,
 4. stage 2 from the stage-1 run: projector + LLM,
-5. held-out accuracy by greedy decoding, 6. export to stock transformers.
+5. held-out accuracy by greedy decoding on a Ray Data actor pool (`llava-ray infer`),
+6. export to stock transformers.
 Re-running with the same --out resumes or reuses finished runs.
 """
 
@@ -50,19 +51,19 @@ def run_demo(out: str | Path, address: str | None = None, overrides: list[str] |
         f"init_from={stage1.run_dir}", f"data.train=[{data / 'stage2'}]", f"checkpoint.storage_path={runs}",
         *(overrides or [])]))
 
-    log.info("step 5/6: held-out accuracy on %d digits", manifests["eval"].rows)
-    model = LlavaModel.from_pretrained(stage2.model)
-    accuracy = heldout_accuracy(model, str(data / "eval"))
+    log.info("step 5/6: held-out accuracy on %d digits (batch inference) -> %s", manifests["eval"].rows, out / "eval")
+    accuracy = heldout_accuracy(stage2.model, str(data / "eval"), str(out / "eval"))
     log.info("held-out accuracy %.3f (%d/%d)", accuracy["accuracy"], accuracy["correct"], accuracy["total"])
 
     log.info("step 6/6: export to Hugging Face format -> %s", out / "export")
-    export = export_hf(model, out / "export")
+    export = export_hf(LlavaModel.from_pretrained(stage2.model), out / "export")
     return {
         "stage1_loss_start": round(stage1.metrics[0]["loss"], 4),
         "stage1_loss_end": round(stage1.metrics[-1]["loss"], 4),
         "stage2_loss_start": round(stage2.metrics[0]["loss"], 4),
         "stage2_loss_end": round(stage2.metrics[-1]["loss"], 4),
         "heldout_accuracy": round(accuracy["accuracy"], 4),
+        "predictions": accuracy["predictions"],
         "stage1_run": stage1.run_dir,
         "checkpoint": stage2.model,
         "export": export.path,

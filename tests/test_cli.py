@@ -83,7 +83,10 @@ def test_demo_runs_both_stages_and_prints_its_summary(tmp_path):
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     for key in ("stage1_loss_start", "stage1_loss_end", "stage2_loss_end", "heldout_accuracy", "checkpoint", "export"):
         assert key in summary
-    assert 0.0 <= summary["heldout_accuracy"] <= 1.0
+    predictions = [json.loads(line) for line in Path(summary["predictions"]).read_text().splitlines()]
+    assert len(predictions) == 300 and all(p["error"] is None for p in predictions)  # via batch inference
+    correct = sum(p["answer"] == p["reference"] for p in predictions)
+    assert summary["heldout_accuracy"] == round(correct / 300, 4)
     assert (Path(summary["checkpoint"]) / "llm" / "model.safetensors").exists()
     assert (Path(summary["export"]) / "config.json").exists()
     assert json.loads((tmp_path / "demo" / "runs" / "stage2" / "output.json").read_text())["model"] == summary["checkpoint"]

@@ -71,7 +71,7 @@ class SkipCounter:
         return dict(self.counts), self.examples
 
 
-def _resolve(images_root: Optional[str], ref: str) -> str:
+def resolve_image_ref(images_root: Optional[str], ref: str) -> str:
     if storage.is_s3(ref) or ref.startswith("/") or images_root is None:
         return ref
     return storage.join(images_root, ref)
@@ -89,7 +89,7 @@ def validate_row(row: dict, images_root: Optional[str], max_pixels: int) -> dict
     if not images:
         images = []
         for ref in refs:
-            uri = _resolve(images_root, ref)
+            uri = resolve_image_ref(images_root, ref)
             try:
                 images.append(storage.read_bytes(uri))
             except (FileNotFoundError, storage.StorageError) as error:
@@ -99,7 +99,7 @@ def validate_row(row: dict, images_root: Optional[str], max_pixels: int) -> dict
     return {
         "id": str(row["id"]),
         "images": list(images) or None,
-        "image_paths": [_resolve(images_root, r) for r in refs] or None,
+        "image_paths": [resolve_image_ref(images_root, r) for r in refs] or None,
         "conversations": row["conversations"],
         "source": row["source"],
     }
@@ -134,7 +134,7 @@ def rows_per_shard(raw: ray.data.Dataset, images_root: Optional[str], shard_mb: 
             total = 0
             for ref in row.get("image_refs") or []:
                 try:
-                    total += storage.size(_resolve(images_root, ref))
+                    total += storage.size(resolve_image_ref(images_root, ref))
                 except (FileNotFoundError, storage.StorageError):
                     pass
             sizes.append(total)

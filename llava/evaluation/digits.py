@@ -1,34 +1,20 @@
-"""Held-out accuracy on the digits data set: ask each eval image its digit, compare the bare answer."""
+"""Held-out accuracy on the digits data set: ask each eval image its digit, compare the bare answer.
+
+The questions are the eval split's first human turns and the references its gpt turns; they are
+answered by the same distributed batch inference as `llava-ray infer` (llava.inference.batch).
+"""
 
 from __future__ import annotations
 
-import json
-
-import pyarrow.parquet as pq
-
-from llava import storage
-from llava.data.schema import shard_uris
-from llava.generation import Prompt, greedy_answers
+from llava.inference.batch import InferConfig, read_predictions, run_batch_inference
 
 
-def read_eval_rows(dataset_uri: str) -> list[dict]:
-    rows = []
-    for shard in shard_uris(dataset_uri):
-        fs, path = storage.filesystem(shard)
-        with fs.open_input_file(path) as f:
-            rows += pq.read_table(f, columns=["id", "images", "conversations"]).to_pylist()
-    return rows
-
-
-def heldout_accuracy(model, dataset_uri: str, batch_size: int = 32) -> dict:
-    """{"accuracy", "correct", "total", "examples"}: greedy answer == the reference digit, exactly."""
-    rows = read_eval_rows(dataset_uri)
-    prompts, references = [], []
-    for row in rows:
-        turns = json.loads(row["conversations"])
-        prompts.append(Prompt(turns[:1], list(row["images"] or [])))
-        references.append(turns[1]["value"].strip())
-    answers = greedy_answers(model, prompts, max_new_tokens=4, batch_size=batch_size)
-    correct = sum(a == r for a, r in zip(answers, references))
-    examples = [{"id": row["id"], "answer": a, "reference": r} for row, a, r in list(zip(rows, answers, references))[:5]]
-    return {"accuracy": correct / len(rows), "correct": correct, "total": len(rows), "examples": examples}
+def heldout_accuracy(model_uri: str, dataset_uri: str, out: str, batch_size: int = 32) -> dict:
+    """{"accuracy", "correct", "total", "predictions", "examples"}: greedy answer == the reference digit."""
+    run_batch_inference(InferConfig(model=model_uri, questions=dataset_uri, out=out, max_new_tokens=4,
+                                    batch_size=batch_size))
+    rows = read_predictions(out)
+    correct = sum(r["answer"] is not None and r["answer"] == r["reference"].strip() for r in rows)
+    examples = [{"id": r["id"], "answer": r["answer"], "reference": r["reference"]} for r in rows[:5]]
+    return {"accuracy": correct / len(rows), "correct": correct, "total": len(rows),
+            "predictions": f"{out}/predictions.jsonl", "examples": examples}

@@ -1,0 +1,29 @@
+"""Answer a file of questions with a trained model: greedy decoding on a Ray Data actor pool."""
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="llava-ray checkpoint or training run dir (local or s3://)")
+    parser.add_argument("--questions", required=True, help="JSONL file or parquet file/dataset (local or s3://)")
+    parser.add_argument("--out", required=True, help="output dir for predictions.jsonl and summary.json")
+    parser.add_argument("--images", default=None, help="root for relative image paths (default: next to --questions)")
+    parser.add_argument("--config", default=None, help="YAML file with InferConfig fields")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    parser.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL for every s3:// URI")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. batch_size=16 actors=4")
+
+
+def run(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from llava.cli import emit
+    from llava.config import load_config
+    from llava.inference.batch import InferConfig, run_batch_inference
+    from llava.ray_runtime import init_ray
+
+    given = {"model": args.model, "questions": args.questions, "out": args.out, "images": args.images}
+    config = load_config(InferConfig, args.config, [f"{k}={v}" for k, v in given.items() if v] + args.overrides)
+    init_ray(args.address, s3_endpoint=args.s3_endpoint)
+    emit(asdict(run_batch_inference(config)))
+    return 0
