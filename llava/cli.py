@@ -26,6 +26,7 @@ COMMANDS = {
     "show-masks": "jobs.show_masks",
     "export": "jobs.export",
     "infer": "jobs.infer",
+    "eval": "jobs.eval",
 }
 
 

@@ -39,3 +39,27 @@ def tokenizer(base_models):
     from llava.tokenization import prepare_tokenizer
 
     return prepare_tokenizer(AutoTokenizer.from_pretrained(base_models["llm"]), "chatml")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(base_models, tmp_path_factory) -> str:
+    """A saved llava-ray checkpoint (vicuna_v1 template, 32 px images, 200-token context) of the tiny models."""
+    from llava.config import ImageConfig, ModelConfig
+    from llava.model import LlavaModel
+
+    config = ModelConfig(vision_tower=base_models["vision_tower"], llm=base_models["llm"], image=ImageConfig(size=32),
+                         template="vicuna_v1", max_length=200)
+    return str(LlavaModel.from_config(config).save_pretrained(tmp_path_factory.mktemp("ckpt") / "model"))
+
+
+def png(seed: int, size: int = 40) -> bytes:
+    """A random RGB PNG."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -1,27 +1,18 @@
 """Batch inference on a real local Ray (actor pool) against single-process greedy decoding."""
 
-import io
 import json
 import os
 import subprocess
 import sys
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from llava import storage
+from tests.conftest import png
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
-
-def png(seed: int, size: int = 40) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -36,13 +27,22 @@ def ray_local(s3_server):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(base_models, tmp_path_factory):
-    from llava.config import ImageConfig, ModelConfig
-    from llava.model import LlavaModel
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint
 
-    config = ModelConfig(vision_tower=base_models["vision_tower"], llm=base_models["llm"], image=ImageConfig(size=32),
-                         template="vicuna_v1", max_length=200)
-    return str(LlavaModel.from_config(config).save_pretrained(tmp_path_factory.mktemp("ckpt") / "model"))
+
+def test_ray_workers_finish_heavy_imports_before_their_first_task(ray_local):
+    """A task cancelled inside a first-time import would leave half-imported packages behind (see
+    llava.ray_runtime.preload_worker_imports): the workers must have them before any task runs."""
+    import ray
+
+    from llava.ray_runtime import WORKER_PRELOAD
+
+    @ray.remote
+    def missing_modules():
+        return [m for m in (*WORKER_PRELOAD, "sympy", "torch.distributed.tensor") if m not in sys.modules]
+
+    assert ray.get([missing_modules.remote() for _ in range(4)]) == [[]] * 4
 
 
 def single_process_answers(checkpoint, prompts, max_new_tokens):
