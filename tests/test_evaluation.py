@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from llava.evaluation.llava_bench import LlavaBenchConfig, evaluate_llava_bench, parse_scores, relative_scores
-from llava.evaluation.scienceqa import build_prompt, parse_answer, score
+from llava.evaluation.scienceqa import build_prompt, load_problems, parse_answer, score
 from llava.inference.batch import InferConfig
 from tests.conftest import png
 from tests.openai_stub import ScriptedOpenAI
@@ -112,7 +112,9 @@ def test_eval_scienceqa_cli_on_the_released_layout(tiny_checkpoint, tmp_path):
     raw = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
     assert raw[3]["error_reason"] == "image_missing"
     assert raw[1]["prompt"].startswith("Context: Rhymes end alike.\nWhich word rhymes with cat?\nA. hat\n")
-    assert (tmp_path / "out" / "questions.parquet").exists()  # our parquet form, accepted as --data
+    reloaded = load_problems(str(tmp_path / "out" / "questions.parquet"), "test")  # our parquet form, as --data
+    assert [p["pid"] for p in reloaded] == ["11", "12", "13", "15"] and reloaded[0]["image"] == png(1)
+    assert reloaded[1]["image"] is None and reloaded[1]["hint"] == "Rhymes end alike." and reloaded[2]["answer"] == 1
 
 
 def test_llava_bench_relative_score_by_hand_with_retries_and_cache(ray_local, tiny_checkpoint, tmp_path):

@@ -1,0 +1,1 @@
+"""GPT-assisted instruction data (LLaVA paper §3): symbolic image contexts, teacher prompts, response parsing."""

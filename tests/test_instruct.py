@@ -1,0 +1,73 @@
+"""GPT-assisted instruction data: symbolic contexts, teacher prompts and strict response parsing."""
+
+import json
+import random
+
+import pytest
+
+from llava.instruct.context import load_contexts, normalise_box
+from llava.instruct.parse import Unparsable, qa_pairs, to_conversation
+from llava.instruct.prompts import TYPES, detail_questions, teacher_messages
+
+
+def test_coco_annotations_become_the_papers_symbolic_context(tmp_path):
+    images = [{"id": 7, "file_name": "000007.jpg", "width": 640, "height": 480},
+              {"id": 3, "file_name": "000003.jpg", "width": 100, "height": 200},
+              {"id": 9, "file_name": "no_captions.jpg", "width": 10, "height": 10}]
+    captions = {"images": images, "annotations": [
+        {"image_id": 7, "caption": "A dog on a sofa. "}, {"image_id": 7, "caption": "A brown dog resting."},
+        {"image_id": 3, "caption": "An empty room."}]}
+    instances = {"images": images, "categories": [{"id": 1, "name": "dog"}, {"id": 2, "name": "couch"}],
+                 "annotations": [{"image_id": 7, "category_id": 1, "bbox": [64, 48, 320, 240]},
+                                 {"image_id": 7, "category_id": 2, "bbox": [0, 200, 700, 300]}]}
+    (tmp_path / "captions.json").write_text(json.dumps(captions))
+    (tmp_path / "instances.json").write_text(json.dumps(instances))
+    contexts = load_contexts(str(tmp_path / "captions.json"), str(tmp_path / "instances.json"))
+    assert [c.image_id for c in contexts] == [3, 7]  # images without captions are left out
+    assert contexts[0].text() == "An empty room."
+    assert contexts[1].text() == ("A dog on a sofa.\nA brown dog resting.\n\n"
+                                  "dog: [0.100, 0.100, 0.600, 0.600]\ncouch: [0.000, 0.417, 1.000, 1.000]")
+    assert normalise_box([10, 20, 30, 40], 100, 100) == [0.1, 0.2, 0.4, 0.6]
+    (tmp_path / "bad.json").write_text(json.dumps([1, 2]))
+    with pytest.raises(ValueError, match="bad.json: not a COCO annotation file"):
+        load_contexts(str(tmp_path / "bad.json"))
+
+
+def test_teacher_messages_come_from_the_data_files():
+    for kind in TYPES:
+        messages = teacher_messages(kind, "CONTEXT")
+        assert messages[0]["role"] == "system" and len(messages[0]["content"]) > 200
+        assert [m["role"] for m in messages[1:]] == ["user", "assistant"] * ((len(messages) - 2) // 2) + ["user"]
+        assert messages[-1]["content"] == "CONTEXT"
+    assert len(detail_questions()) == 16 and "Describe the following image in detail." in detail_questions()
+    with pytest.raises(ValueError, match="unknown request type"):
+        teacher_messages("poem", "x")
+
+
+def test_well_formed_responses_become_llava_conversations():
+    response = "Question:\nWhat is it?\n===\nAnswer:\nA dog.\n===\nQuestion:\nHow many?\n===\nAnswer:\nOne.\n==="
+    assert qa_pairs(response) == [("What is it?", "A dog."), ("How many?", "One.")]
+    turns = to_conversation("conversation", response, random.Random(0), detail_questions())
+    assert [t["from"] for t in turns] == ["human", "gpt", "human", "gpt"]
+    assert turns[0]["value"] in ("<image>\nWhat is it?", "What is it?\n<image>") and "<image>" not in turns[2]["value"]
+    detail = to_conversation("detail", "  A dog lies on a brown sofa.  ", random.Random(1), detail_questions())
+    assert detail[0]["value"].replace("<image>", "").strip() in detail_questions()
+    assert detail[1] == {"from": "gpt", "value": "A dog lies on a brown sofa."}
+    complex_turns = to_conversation("complex", "Question:\nWhy?\n===\nAnswer:\nBecause.", random.Random(2), [])
+    assert complex_turns[1]["value"] == "Because."
+
+
+@pytest.mark.parametrize("kind, response, reason", [
+    ("conversation", "", "empty"),
+    ("conversation", "Sure! Here are some questions.", "bad_format"),
+    ("conversation", "Question:\nWhat?\n===\nAnswer:\nThis.\n===\nQuestion:\nAnd?\n===", "bad_format"),  # no last answer
+    ("conversation", "Answer:\nThis.\n===\nQuestion:\nWhat?", "bad_format"),
+    ("conversation", "Question:\n\n===\nAnswer:\nThis.", "bad_format"),
+    ("complex", "Question:\nA?\n===\nAnswer:\nX.\n===\nQuestion:\nB?\n===\nAnswer:\nY.", "bad_format"),
+    ("detail", "Question:\nWhat?\n===\nAnswer:\nThis.", "bad_format"),
+    ("detail", "   ", "empty"),
+])
+def test_malformed_responses_are_rejected_whole(kind, response, reason):
+    with pytest.raises(Unparsable) as error:
+        to_conversation(kind, response, random.Random(0), detail_questions())
+    assert error.value.reason == reason
