@@ -2,6 +2,8 @@
 
 import argparse
 
+from jobs.arguments import add_config_arguments
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     benchmarks = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
@@ -18,10 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for sub in (sqa, bench):
         sub.add_argument("--model", required=True, help="llava-ray checkpoint or training run dir (local or s3://)")
         sub.add_argument("--out", required=True, help="output dir (predictions, metrics; local or s3://)")
-        sub.add_argument("--config", default=None, help="YAML file with the benchmark's config fields")
-        sub.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
-        sub.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL for every s3:// URI")
-        sub.add_argument("overrides", nargs="*", help="key=value overrides, e.g. infer.batch_size=16 judge.concurrency=8")
+        add_config_arguments(sub, "infer.batch_size=16 judge.concurrency=8")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -2,16 +2,15 @@
 
 import argparse
 
+from jobs.arguments import add_config_arguments
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="llava-ray checkpoint or training run dir (local or s3://)")
     parser.add_argument("--questions", required=True, help="JSONL file or parquet file/dataset (local or s3://)")
     parser.add_argument("--out", required=True, help="output dir for predictions.jsonl and summary.json")
     parser.add_argument("--images", default=None, help="root for relative image paths (default: next to --questions)")
-    parser.add_argument("--config", default=None, help="YAML file with InferConfig fields")
-    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
-    parser.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL for every s3:// URI")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. batch_size=16 actors=4")
+    add_config_arguments(parser, "batch_size=16 actors=4")
 
 
 def run(args: argparse.Namespace) -> int:
