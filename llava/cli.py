@@ -27,6 +27,7 @@ COMMANDS = {
     "export": "jobs.export",
     "infer": "jobs.infer",
     "eval": "jobs.eval",
+    "generate": "jobs.generate",
 }
 
 

@@ -2,7 +2,7 @@
 
 `script(request_body, attempt)` returns what to do for a request: a reply text (200), an int
 status code (an error response in OpenAI's shape), or ("sleep", seconds, text) for a slow
-reply. `attempt` counts the requests seen so far with the same last user message, so a script
+reply. `attempt` counts the requests seen so far with the same messages, so a script
 can fail the first attempt and answer the retry. Every request is recorded in `requests`.
 """
 
@@ -38,7 +38,7 @@ class ScriptedOpenAI:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                key = body["messages"][-1]["content"]
+                key = json.dumps(body["messages"])
                 with server._lock:
                     server.requests.append(body)
                     attempt = server.attempts[key]

@@ -71,3 +71,64 @@ def test_malformed_responses_are_rejected_whole(kind, response, reason):
     with pytest.raises(Unparsable) as error:
         to_conversation(kind, response, random.Random(0), detail_questions())
     assert error.value.reason == reason
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    from llava.ray_runtime import init_ray
+
+    init_ray(num_cpus=4)
+    yield
+    ray.shutdown()
+
+
+def test_generate_job_against_a_scripted_teacher_retries_drops_and_resumes(ray_local, tmp_path):
+    from llava.instruct.generate import GenerateConfig, generate
+    from tests.conftest import png
+    from tests.openai_stub import ScriptedOpenAI
+
+    images = [{"id": i, "file_name": f"{i}.png", "width": 40, "height": 40} for i in (1, 2, 3)]
+    captions = {"images": images, "annotations": [{"image_id": 1, "caption": "A cat on a mat."},
+                                                  {"image_id": 2, "caption": "A dog in a park."},
+                                                  {"image_id": 3, "caption": "Two birds."}]}
+    (tmp_path / "captions.json").write_text(json.dumps(captions))
+    (tmp_path / "images").mkdir()
+    for i in (1, 2, 3):
+        (tmp_path / "images" / f"{i}.png").write_bytes(png(i))
+    good_qa = "Question:\nWhat is it?\n===\nAnswer:\nAn animal.\n==="
+
+    def teacher(body, attempt):
+        system, context = body["messages"][0]["content"], body["messages"][-1]["content"]
+        kind = "conversation" if "Design a conversation" in system else "detail" if "detailed paragraph" in system else "complex"
+        image = {"A cat on a mat.": 1, "A dog in a park.": 2, "Two birds.": 3}[context]
+        if (image, kind) == (1, "complex") and attempt == 0:
+            return 429
+        if (image, kind) == (2, "detail") and attempt == 0:
+            return 500
+        if (image, kind) == (2, "conversation"):
+            return "Sure! Here are some questions about the image."  # malformed
+        if (image, kind) == (3, "complex"):
+            return good_qa + "\nQuestion:\nAnd?\n===\nAnswer:\nMore.\n==="  # two questions: malformed for complex
+        if (image, kind) == (2, "complex"):
+            return ("sleep", 1.0, good_qa)  # slow
+        return "A calm scene with an animal." if kind == "detail" else good_qa
+
+    with ScriptedOpenAI(teacher) as server:
+        config = GenerateConfig(captions=str(tmp_path / "captions.json"), images=str(tmp_path / "images"),
+                                out=str(tmp_path / "out"), actors=2)
+        config.endpoint.url, config.endpoint.model, config.endpoint.concurrency = server.url, "teacher-1", 2
+        summary = generate(config)
+        assert len(server.requests) == 11  # 9 requests + the retries after the 429 and the 500
+        assert summary["planned"] == 9 and summary["kept"] == 7 and summary["not_done"] == 0
+        assert summary["failures"] == {"unparsable_bad_format": 2}
+        assert summary["by_type"] == {"conversation": 2, "detail": 3, "complex": 2}
+        assert summary["parquet_rows"] == 7
+        records = json.loads((tmp_path / "out" / "llava.json").read_text())
+        assert {r["id"] for r in records} == {"1-conversation", "3-conversation", "1-detail", "2-detail", "3-detail",
+                                             "1-complex", "2-complex"}
+        assert all(r["teacher"] == "teacher-1" and "<image>" in r["conversations"][0]["value"] for r in records)
+
+        again = generate(config)  # a re-run asks nothing it has an answer or a rejection for
+        assert len(server.requests) == 11 and again["kept"] == 7
