@@ -1,0 +1,63 @@
+"""The serving config: one typed dataclass, loaded from YAML (`serve/config.yaml`'s `args`) or the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class AutoscalingConfig:  # Ray Serve's autoscaling_config fields
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_ongoing_requests: float = 4  # requests in flight per replica the autoscaler aims for
+    upscale_delay_s: float = 10
+    downscale_delay_s: float = 60
+
+
+@dataclass
+class ReplicaConfig:
+    num_cpus: float = 1
+    num_gpus: float = -1  # -1: 1 when the cluster has GPUs, else 0
+    max_ongoing_requests: int = 32  # beyond this a replica queues no more; the router sends elsewhere
+
+
+@dataclass
+class BatchingConfig:  # Ray Serve's @serve.batch: concurrent requests share forward passes
+    max_batch_size: int = 8
+    batch_wait_timeout_s: float = 0.02
+    max_concurrent_batches: int = 2  # a new batch may start while a long one decodes
+
+
+@dataclass
+class LimitsConfig:
+    max_images: int = 4  # images per request
+    max_image_bytes: int = 10 * 2**20  # encoded bytes per image (data URL or download)
+    max_image_pixels: int = 40_000_000  # width x height, read from the header before decoding
+    max_tokens: int = 1024  # the largest max_tokens a request may ask for
+    default_max_tokens: int = 256  # when the request gives none
+    max_request_bytes: int = 64 * 2**20  # the whole JSON body
+
+
+@dataclass
+class ImageFetchConfig:  # http(s) image URLs
+    enabled: bool = True
+    timeout_s: float = 10
+    max_redirects: int = 3
+    # Hosts or networks (CIDR) that may be fetched even though they are loopback, private or
+    # link-local, e.g. ["127.0.0.1/32", "images.internal"]. Everything else of that kind is refused (SSRF).
+    allow: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ServeConfig:
+    model: str = ""  # llava-ray checkpoint, training run dir or HF export (local dir or s3://)
+    model_name: str = "llava"  # the id clients pass as `model` and /v1/models lists
+    engine: str = "llava"  # "llava": our model in the replica (CPU or GPU); "vllm": Ray Serve LLM (GPU, HF export)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key_env: str = "LLAVA_RAY_API_KEY"  # when this env var is set, every endpoint but /health needs the bearer key
+    autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
+    replica: ReplicaConfig = field(default_factory=ReplicaConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    image_fetch: ImageFetchConfig = field(default_factory=ImageFetchConfig)
