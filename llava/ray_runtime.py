@@ -17,7 +17,8 @@ WORKER_PRELOAD = ("torch", "transformers.activations", "transformers.models.auto
                   "transformers.models.auto.configuration_auto", "llava.data.reader")
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None, s3_endpoint: str | None = None) -> None:
+def init_ray(address: str | None = None, num_cpus: int | None = None, s3_endpoint: str | None = None,
+             preload_imports: bool = True) -> None:
     """Join the cluster at `address` (or RAY_ADDRESS), else start a local Ray.
 
     `s3_endpoint` (an S3-compatible endpoint URL) is exported as AWS_ENDPOINT_URL to this
@@ -25,6 +26,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, s3_endpoin
 
     A local Ray gets at least 4 logical CPUs even on a 2-core machine: Ray Train workers
     and Ray Data tasks must both find a CPU slot or the run deadlocks (PLATFORM.md).
+
+    `preload_imports` makes every worker import the heavy libraries before its first task
+    (`preload_worker_imports`); jobs that run no Ray Data tasks (serving) can skip its cost.
     """
     env_vars = {}
     if s3_endpoint:
@@ -34,7 +38,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, s3_endpoin
     # Ray Data's progress bars redraw with carriage returns: noise in a log file, useful on a terminal.
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    runtime_env = {"worker_process_setup_hook": "llava.ray_runtime.preload_worker_imports"}
+    runtime_env = {"worker_process_setup_hook": "llava.ray_runtime.preload_worker_imports"} if preload_imports else {}
     if env_vars:
         runtime_env["env_vars"] = env_vars
     address = address or os.environ.get("RAY_ADDRESS")

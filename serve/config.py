@@ -24,8 +24,7 @@ class ReplicaConfig:
 @dataclass
 class BatchingConfig:  # Ray Serve's @serve.batch: concurrent requests share forward passes
     max_batch_size: int = 8
-    batch_wait_timeout_s: float = 0.02
-    max_concurrent_batches: int = 2  # a new batch may start while a long one decodes
+    batch_wait_timeout_s: float = 0.02  # how long a batch waits to fill up
 
 
 @dataclass

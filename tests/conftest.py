@@ -21,7 +21,7 @@ _RAY_TMP.mkdir(parents=True, exist_ok=True)
 
 import pytest  # noqa: E402
 
-pytest_plugins = ["tests.s3_server"]  # the real S3-compatible server fixtures
+pytest_plugins = ["tests.s3_server", "tests.serve_fixtures"]  # real S3 server; the chat API on Ray Serve
 
 
 @pytest.fixture(scope="session")

@@ -38,7 +38,7 @@ ANSWER_SCHEMA = pa.schema([
 
 @dataclass
 class InferConfig:
-    model: str = ""  # llava-ray checkpoint or training run dir (local or s3://)
+    model: str = ""  # llava-ray checkpoint, training run dir or HF Llava export (local or s3://)
     questions: str = ""  # JSONL file or parquet file/dataset (local or s3://)
     out: str = ""  # output dir: predictions.jsonl + summary.json
     images: Optional[str] = None  # root for relative image paths (default: the questions file's dir)
@@ -73,16 +73,12 @@ class GreedyAnswerer:
     """Ray Data actor: one model per actor, `batch_size` questions per forward pass."""
 
     def __init__(self, model_uri: str, max_new_tokens: int, batch_size: int):
-        import torch
         from transformers.utils import logging as hf_logging
 
-        from llava.model import LlavaModel
-        from llava.training.engine import resolve_model_uri
+        from llava.model_loading import load_model
 
         hf_logging.disable_progress_bar()
-        cuda = torch.cuda.is_available()
-        dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32  # CPUs: fp32
-        self.model = LlavaModel.from_pretrained(resolve_model_uri(model_uri), dtype=dtype).to("cuda" if cuda else "cpu")
+        self.model = load_model(model_uri)  # GPU + bf16 when present, else CPU + fp32
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -1,0 +1,147 @@
+"""Step-wise decoding of a batch of prompts, each with its own sampling settings: the serving engine's core.
+
+`BatchDecoder` prefills the left-padded batch once, then adds one token per row per step
+using the KV cache, and reports per step the new text of every row (holding back text
+that may be the start of a stop string or a half-decoded character). A row ends at a stop
+token, a stop string or its `max_tokens`; the batch ends when every row has. With
+temperature 0 it is greedy and gives the same answers as `llava.generation.greedy_decode`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from llava.generation import EncodedPrompt
+from llava.templates import get_template
+from llava.tokenization import stop_token_ids
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)  # stop strings, besides the template's own
+    seed: Optional[int] = None  # same seed + same prompt = same sample
+
+
+@dataclass
+class RowState:
+    params: SamplingParams
+    stops: tuple[str, ...]
+    generator: Optional[torch.Generator]
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""  # decoded so far, cut at a stop string once one is seen
+    sent: int = 0  # characters of `text` already reported
+    finish_reason: Optional[str] = None  # "stop" | "length"
+
+
+@dataclass
+class StepOutput:
+    delta: str  # text new since the last step ("" when it is held back)
+    finish_reason: Optional[str]  # set on the row's last step
+    completion_tokens: int
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Trailing characters to withhold: whitespace (dropped if the answer ends there), a partial character,
+    or a possible stop-string start."""
+    if text.endswith("\ufffd"):
+        return 1
+    stop_start = max((k for stop in stops for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
+    return max(stop_start, len(text) - len(text.rstrip()))
+
+
+def _sample(logits: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator]) -> int:
+    """One token id from (V,) logits: greedy at temperature 0, else temperature + nucleus (top-p) sampling."""
+    if params.temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)  # (V,)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < params.top_p  # always keeps the top token
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class BatchDecoder:
+    def __init__(self, model, prompts: list[EncodedPrompt], params: list[SamplingParams]):
+        template = get_template(model.config.template)
+        self.model = model
+        self.stop_ids = set(stop_token_ids(model.tokenizer, template))
+        self.rows = []
+        for p in params:
+            generator = None
+            if p.temperature > 0:
+                generator = torch.Generator().manual_seed(p.seed if p.seed is not None else int(torch.seed() % 2**63))
+            stops = tuple(s for s in (*template.stop_strings, *p.stop) if s)
+            self.rows.append(RowState(p, stops, generator))
+        self.prompts = prompts
+
+    def _prefill(self):
+        model, prompts = self.model, self.prompts
+        device = next(model.parameters()).device
+        length = max(len(p.input_ids) for p in prompts)
+        input_ids = torch.full((len(prompts), length), model.tokenizer.pad_token_id, dtype=torch.long)  # (B, L)
+        attention = torch.zeros((len(prompts), length), dtype=torch.long)  # (B, L), left padding
+        for i, p in enumerate(prompts):
+            input_ids[i, length - len(p.input_ids):] = torch.tensor(p.input_ids)
+            attention[i, length - len(p.input_ids):] = 1
+        pixels = [x for p in prompts for x in p.pixel_values]
+        pixel_values = torch.from_numpy(np.stack(pixels)).to(device) if pixels else None  # (n_images, 3, S, S)
+        embeds = model.embed(input_ids.to(device), pixel_values)  # (B, L, D)
+        attention = attention.to(device)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)  # (B, L): padding does not shift positions
+        out = model.llm(inputs_embeds=embeds, attention_mask=attention, position_ids=positions, use_cache=True)
+        return out.logits[:, -1], out.past_key_values, attention, positions[:, -1:]
+
+    def _advance(self, row: RowState, token: int) -> StepOutput:
+        """Take one sampled token into the row's state; report what can be sent."""
+        row.tokens.append(token)
+        if token in self.stop_ids:
+            row.finish_reason = "stop"
+        else:
+            # Answers are stripped, as in llava.generation: leading space never sent, trailing space held back.
+            row.text = self.model.tokenizer.decode(row.tokens, skip_special_tokens=True).lstrip()
+            hits = [row.text.index(s) for s in row.stops if s in row.text]
+            if hits:
+                row.text, row.finish_reason = row.text[: min(hits)], "stop"
+            elif len(row.tokens) >= row.params.max_tokens:
+                row.finish_reason = "length"
+        if row.finish_reason:
+            row.text = row.text.rstrip()
+        end = len(row.text) if row.finish_reason else len(row.text) - _held_back(row.text, row.stops)
+        delta = row.text[row.sent:end] if end > row.sent else ""
+        row.sent = max(row.sent, end)
+        return StepOutput(delta, row.finish_reason, len(row.tokens))
+
+    @torch.no_grad()
+    def steps(self) -> Iterator[list[Optional[StepOutput]]]:
+        """Per step, one entry per row: its StepOutput, or None once the row finished at an earlier step."""
+        self.model.eval()
+        logits, cache, attention, positions = self._prefill()  # logits: (B, V)
+        embedding = self.model.llm.get_input_embeddings()
+        while True:
+            outputs: list[Optional[StepOutput]] = []
+            next_tokens = []
+            for i, row in enumerate(self.rows):
+                if row.finish_reason:
+                    outputs.append(None)
+                    next_tokens.append(self.model.tokenizer.pad_token_id)
+                    continue
+                token = _sample(logits[i], row.params, row.generator)
+                outputs.append(self._advance(row, token))
+                next_tokens.append(token)
+            yield outputs
+            if all(row.finish_reason for row in self.rows):
+                return
+            tokens = torch.tensor(next_tokens, device=attention.device).unsqueeze(1)  # (B, 1)
+            attention = torch.cat([attention, torch.ones_like(tokens)], dim=1)  # (B, L + t)
+            positions = positions + 1  # (B, 1)
+            out = self.model.llm(inputs_embeds=embedding(tokens), attention_mask=attention, position_ids=positions,
+                                 past_key_values=cache, use_cache=True)
+            logits, cache = out.logits[:, -1], out.past_key_values

@@ -1,0 +1,1 @@
+"""Ray Serve application for llava-ray: OpenAI-compatible chat API with images."""
