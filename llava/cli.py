@@ -28,6 +28,7 @@ COMMANDS = {
     "infer": "jobs.infer",
     "eval": "jobs.eval",
     "generate": "jobs.generate",
+    "serve": "jobs.serve",
 }
 
 

@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from importlib import resources
-from typing import AsyncGenerator, Optional
+from typing import AsyncGenerator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
@@ -157,21 +157,20 @@ def build_app(args: dict) -> serve.Application:
     return build(config_from_dict(ServeConfig, args))
 
 
-def run_local(config: ServeConfig, blocking: bool = False, name: str = "llava") -> str:
-    """Deploy on the connected Ray and return the base URL (blocks until Ctrl-C when `blocking`)."""
+def run_local(config: ServeConfig, name: str = "llava") -> str:
+    """Deploy on the connected Ray (HTTP on config.host:config.port) and return the base URL."""
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(build(config), name=name, route_prefix="/", blocking=False)
     url = f"http://{config.host}:{config.port}"
     log.info("llava-ray is serving %s at %s/v1 (chat page: %s/)", config.model, url, url)
-    if blocking:
-        _wait_forever()
     return url
 
 
-def _wait_forever(poll_s: Optional[float] = 1.0) -> None:
+def wait_until_interrupted() -> None:
+    """Keep the driver (and so a local Ray and its Serve app) alive until Ctrl-C."""
     try:
         while True:
-            time.sleep(poll_s)
+            time.sleep(1)
     except KeyboardInterrupt:
         log.info("shutting down Serve")
         serve.shutdown()

@@ -60,3 +60,19 @@ class ServeConfig:
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     image_fetch: ImageFetchConfig = field(default_factory=ImageFetchConfig)
+
+
+def serve_config_layer(path: str, app_name: str = "llava") -> dict:
+    """The ServeConfig fields in a YAML file: either the fields themselves, or a Serve config file
+    (`applications: [{name, import_path: serve.app:build_app, args: {...}}]`) whose app `args` they are."""
+    import yaml
+
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if "applications" not in data:
+        return data
+    apps = [a for a in data["applications"] if a.get("import_path") == "serve.app:build_app"]
+    chosen = [a for a in apps if a.get("name") == app_name] or apps
+    if not chosen:
+        raise ValueError(f"{path} is a Serve config file without an application importing serve.app:build_app")
+    return chosen[0].get("args") or {}

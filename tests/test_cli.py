@@ -90,3 +90,37 @@ def test_demo_runs_both_stages_and_prints_its_summary(tmp_path):
     assert (Path(summary["checkpoint"]) / "llm" / "model.safetensors").exists()
     assert (Path(summary["export"]) / "config.json").exists()
     assert json.loads((tmp_path / "demo" / "runs" / "stage2" / "output.json").read_text())["model"] == summary["checkpoint"]
+
+
+def test_serve_runs_the_serve_config_file_until_interrupted(tiny_checkpoint, tmp_path):
+    """`llava-ray serve --config serve/config.yaml` (its app args, with overrides) answers, then stops on Ctrl-C."""
+    import os
+    import signal
+    import urllib.request
+
+    import openai
+    import yaml
+
+    from tests.serve_fixtures import free_port
+
+    config = yaml.safe_load((Path(__file__).parent.parent / "serve" / "config.yaml").read_text())
+    assert config["applications"][0]["import_path"] == "serve.app:build_app"
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    exe = Path(sys.executable).parent / "llava-ray"
+    env = dict(os.environ, RAY_TMPDIR=os.environ["RAY_TMPDIR"])
+    server = subprocess.Popen(
+        [str(exe), "serve", "--config", str(tmp_path / "serve.yaml"), "--model", tiny_checkpoint, "--port", str(port),
+         "replica.num_gpus=0", "replica.num_cpus=0.5", "autoscaling.max_replicas=1", "model_name=from-cli"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        ready = json.loads(server.stdout.readline())  # printed once the app is up
+        assert ready["openai_base_url"] == f"http://127.0.0.1:{port}/v1" and ready["model"] == "from-cli"
+        assert json.loads(urllib.request.urlopen(ready["url"] + "/health", timeout=30).read())["model"] == "from-cli"
+        answer = openai.OpenAI(base_url=ready["openai_base_url"], api_key="unused").chat.completions.create(
+            model="from-cli", max_tokens=3, messages=[{"role": "user", "content": "hello"}])
+        assert answer.choices[0].message.role == "assistant" and answer.usage.completion_tokens >= 1
+        assert "<html" in urllib.request.urlopen(ready["chat_page"], timeout=30).read().decode().lower()
+    finally:
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=60) == 0

@@ -1,0 +1,45 @@
+"""Serve a model behind an OpenAI-compatible chat API with images (Ray Serve, autoscaled).
+
+`--config` takes a YAML of serve.config.ServeConfig fields or a Serve config file such as
+serve/config.yaml (the app's `args` are used), so one file serves with `llava-ray serve`,
+`serve run` and a KubeRay RayService. Prints one JSON line with the URLs once the app is up,
+then serves until Ctrl-C.
+"""
+
+import argparse
+
+from jobs.arguments import add_config_arguments
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="llava-ray checkpoint, training run dir or HF export (local or s3://)")
+    parser.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", default=None, type=int, help="HTTP port (default 8000)")
+    add_config_arguments(parser, "autoscaling.max_replicas=4 replica.num_gpus=1")
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+    import tempfile
+
+    import yaml
+
+    from llava.cli import emit
+    from llava.config import load_config
+    from llava.ray_runtime import init_ray
+    from serve.app import run_local, wait_until_interrupted
+    from serve.config import ServeConfig, serve_config_layer
+
+    layers = []
+    if args.config:  # our fields, or a Serve config file (serve/config.yaml) whose app args they are
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as layer:
+            yaml.safe_dump(serve_config_layer(args.config), layer)
+        layers.append(layer.name)
+    given = {"model": args.model, "host": args.host, "port": args.port}
+    config = load_config(ServeConfig, layers, [f"{k}={v}" for k, v in given.items() if v] + args.overrides)
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")  # slow starts on small machines
+    init_ray(args.address, s3_endpoint=args.s3_endpoint, preload_imports=False)
+    url = run_local(config)
+    emit({"url": url, "openai_base_url": f"{url}/v1", "model": config.model_name, "chat_page": f"{url}/"})
+    wait_until_interrupted()
+    return 0
