@@ -326,3 +326,43 @@ def test_replicas_scale_up_under_load_and_back_down_after(chat_server):
     while time.monotonic() < deadline and _running_replicas() > 1:
         time.sleep(1)
     assert _running_replicas() == 1, "the autoscaler did not scale back down after the load stopped"
+
+
+# ---- building the app (no deployment) ----------------------------------------------------------------------------
+
+def test_build_app_from_serve_config_args_sets_autoscaling_and_resources(tiny_checkpoint):
+    import yaml
+    from pathlib import Path
+
+    from serve.app import build_app
+
+    args = yaml.safe_load((Path(__file__).parent.parent / "serve" / "config.yaml").read_text())["applications"][0]["args"]
+    app = build_app({**args, "model": tiny_checkpoint, "autoscaling": {**args["autoscaling"], "max_replicas": 3}})
+    deployment = app._bound_deployment
+    assert deployment.name == "LlavaChat"
+    assert deployment._deployment_config.autoscaling_config.max_replicas == 3
+    assert deployment._deployment_config.max_ongoing_requests == args["replica"]["max_ongoing_requests"]
+    assert deployment.ray_actor_options["num_gpus"] == args["replica"]["num_gpus"]
+    with pytest.raises(ValueError, match="engine must be llava or vllm"):
+        build_app({"model": tiny_checkpoint, "engine": "tgi"})
+    with pytest.raises(ValueError, match="serve needs model"):
+        build_app({})
+
+
+def test_vllm_engine_gets_the_same_limits_and_a_clear_error_without_vllm():
+    from serve.config import ServeConfig
+    from serve.vllm_app import vllm_llm_config
+
+    config = ServeConfig(model="s3://bucket/export", model_name="llava-7b", engine="vllm")
+    config.limits.max_images = 3
+    llm = vllm_llm_config(config)
+    assert llm["model_loading_config"] == {"model_id": "llava-7b", "model_source": {"bucket_uri": "s3://bucket/export"}}
+    assert llm["engine_kwargs"]["limit_mm_per_prompt"] == {"image": 3}
+    assert llm["deployment_config"]["autoscaling_config"]["max_replicas"] == config.autoscaling.max_replicas
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        from serve.app import build
+
+        with pytest.raises(ImportError, match=r"ray\[llm\]"):
+            build(config)
