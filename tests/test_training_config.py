@@ -79,3 +79,12 @@ def test_cosine_schedule_warms_up_then_decays_to_zero():
     assert lrs[0] < lrs[1] < lrs[2] < lrs[3] == 1.0  # 3 warm-up steps, then the peak
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
     assert lrs[-1] < 0.001
+
+
+def test_boolean_switches_take_true_and_false_as_typed_on_the_command_line(tmp_path):
+    config = load_train_config("pretrain", overrides=DATA + ["workers.use_gpu=true", "deepspeed.bf16=False"])
+    assert (config.workers.use_gpu, config.deepspeed.bf16) == ("true", "false")
+    (tmp_path / "job.yaml").write_text("workers: {use_gpu: true}\n")
+    assert load_train_config("pretrain", path=str(tmp_path / "job.yaml"), overrides=DATA).workers.use_gpu == "true"
+    with pytest.raises(ValueError, match="workers.use_gpu must be auto, true or false, got 'maybe'"):
+        load_train_config("pretrain", overrides=DATA + ["workers.use_gpu=maybe"])

@@ -97,11 +97,12 @@ class TrainConfig:
             raise ValueError(f"deepspeed.zero_stage must be 0-3, got {self.deepspeed.zero_stage}")
         if self.deepspeed.offload_params and self.deepspeed.zero_stage != 3:
             raise ValueError("deepspeed.offload_params needs deepspeed.zero_stage=3")
-        for name in ("bf16",):
-            if getattr(self.deepspeed, name) not in ("auto", "true", "false"):
-                raise ValueError(f"deepspeed.{name} must be auto, true or false")
+        # `key=true` on the command line or a YAML `true` arrives as the string "True": same meaning as "true".
+        self.deepspeed.bf16, self.workers.use_gpu = str(self.deepspeed.bf16).lower(), str(self.workers.use_gpu).lower()
+        if self.deepspeed.bf16 not in ("auto", "true", "false"):
+            raise ValueError(f"deepspeed.bf16 must be auto, true or false, got {self.deepspeed.bf16!r}")
         if self.workers.use_gpu not in ("auto", "true", "false"):
-            raise ValueError("workers.use_gpu must be auto, true or false")
+            raise ValueError(f"workers.use_gpu must be auto, true or false, got {self.workers.use_gpu!r}")
         if self.data.micro_batch_size <= 0 or self.optim.global_batch_size <= 0 or self.workers.num_workers <= 0:
             raise ValueError("data.micro_batch_size, optim.global_batch_size and workers.num_workers must be positive")
         if self.lora.enabled and self.freeze.llm is False:
