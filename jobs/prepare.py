@@ -2,6 +2,8 @@
 
 import argparse
 
+from llava.remote import add_submission_arguments
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     kinds = parser.add_subparsers(dest="kind", required=True, metavar="KIND")
@@ -21,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for sub in (llava_json, captions, digits):
         sub.add_argument("--out", required=True, help="output URI (directory or s3://bucket/prefix)")
         sub.add_argument("--shard-mb", type=int, default=128, help="target shard size in MB")
-        sub.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
+        add_submission_arguments(sub)
         sub.add_argument("--s3-endpoint", default=None,
                          help="S3-compatible endpoint URL for every s3:// URI (default: AWS_ENDPOINT_URL or AWS)")
 

@@ -2,11 +2,13 @@
 
 import argparse
 
+from llava.remote import add_submission_arguments
+
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="YAML file with the job's settings (see llava/presets/)")
     parser.add_argument("--preset", default=None, help="a shipped preset applied under --config: v1, v1_5 or demo")
-    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    add_submission_arguments(parser)
     parser.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL for every s3:// URI")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. optim.lr=1e-3 data.train=[s3://b/d]")
 

@@ -29,6 +29,7 @@ COMMANDS = {
     "eval": "jobs.eval",
     "generate": "jobs.generate",
     "serve": "jobs.serve",
+    "jobs": "jobs.jobs",
 }
 
 
@@ -46,8 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def emit(result) -> None:
-    """Write a job's result to stdout as one JSON line."""
-    print(json.dumps(result), file=_results, flush=True)
+    """Write a job's result to stdout as one JSON line (marked inside a submitted Ray job: llava/remote.py)."""
+    from llava.remote import RESULT_PREFIX, SUBMITTED_ENV
+
+    print((RESULT_PREFIX if os.environ.get(SUBMITTED_ENV) else "") + json.dumps(result), file=_results, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,11 +62,17 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
+    from llava import remote
 
-    hf_logging.disable_progress_bar()
+    submit_to = remote.submission_target(args)  # --address http(s)://HEAD:8265: run as a Ray job there
+    if not submit_to:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     _results, sys.stdout = sys.stdout, sys.stderr
     try:
+        if submit_to:
+            return remote.submit(args, submit_to, sys.argv[1:] if argv is None else list(argv))
         return int(args.run(args) or 0)
     finally:
         if "ray" in sys.modules and sys.modules["ray"].is_initialized():
@@ -71,5 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout = _results
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m llava.cli` (a --working-dir job): run the importable module, whose
+    from llava.cli import main as _main  # `_results` is the one the jobs' `from llava.cli import emit` writes to
+
+    sys.exit(_main())

@@ -20,6 +20,7 @@ class ScriptedOpenAI:
     def __init__(self, script: Callable[[dict, int], object]):
         self.script = script
         self.requests: list[dict] = []
+        self.arrivals: list[float] = []  # time.monotonic() of each request, in order
         self.attempts: Counter = Counter()
         self._lock = threading.Lock()
         server = self
@@ -41,6 +42,7 @@ class ScriptedOpenAI:
                 key = json.dumps(body["messages"])
                 with server._lock:
                     server.requests.append(body)
+                    server.arrivals.append(time.monotonic())
                     attempt = server.attempts[key]
                     server.attempts[key] += 1
                 action = server.script(body, attempt)
