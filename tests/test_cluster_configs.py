@@ -289,6 +289,8 @@ def _readme_llava_ray_commands() -> list[str]:
             line = line.split(" && ")[0]
             if " -- llava-ray " in line:
                 commands.append("llava-ray " + line.split(" -- llava-ray ", 1)[1])
+            elif line.strip().startswith("llava-ray "):
+                commands.append(line.strip())
     return commands
 
 
