@@ -132,3 +132,94 @@ def test_generate_job_against_a_scripted_teacher_retries_drops_and_resumes(ray_l
 
         again = generate(config)  # a re-run asks nothing it has an answer or a rejection for
         assert len(server.requests) == 11 and again["kept"] == 7
+
+
+def _coco(tmp_path, n: int) -> tuple[str, str]:
+    """A COCO captions file with `n` images (captions "Scene i."), and the image folder."""
+    from tests.conftest import png
+
+    images = [{"id": i, "file_name": f"{i}.png", "width": 40, "height": 40} for i in range(n)]
+    annotations = [{"image_id": i, "caption": f"Scene {i}."} for i in range(n)]
+    (tmp_path / "captions.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    (tmp_path / "images").mkdir(exist_ok=True)
+    for i in range(n):
+        (tmp_path / "images" / f"{i}.png").write_bytes(png(i))
+    return str(tmp_path / "captions.json"), str(tmp_path / "images")
+
+
+def test_llava158k_mixture_gives_one_type_per_image_in_the_papers_proportions(tmp_path):
+    from llava.instruct.generate import GenerateConfig, request_plan
+
+    captions, images = _coco(tmp_path, 0)
+    data = {"images": [{"id": i, "file_name": f"{i}.jpg", "width": 9, "height": 9} for i in range(3000)],
+            "annotations": [{"image_id": i, "caption": f"c{i}"} for i in range(3000)]}
+    (tmp_path / "captions.json").write_text(json.dumps(data))
+    config = GenerateConfig(captions=captions, images=images, out=str(tmp_path / "out"), mixture="llava158k")
+    plan = request_plan(config)
+    assert len(plan) == 3000 and len({r["image_id"] for r in plan}) == 3000  # one request per image
+    shares = {kind: sum(r["kind"] == kind for r in plan) / 3000 for kind in ("conversation", "detail", "complex")}
+    for kind, paper in {"conversation": 58 / 158, "detail": 23 / 158, "complex": 77 / 158}.items():
+        assert abs(shares[kind] - paper) < 0.03, shares
+    assert [r["kind"] for r in request_plan(config)] == [r["kind"] for r in plan]  # seeded: the same every run
+    config.seed = 1
+    assert [r["kind"] for r in request_plan(config)] != [r["kind"] for r in plan]
+
+
+def test_requests_per_minute_cap_spaces_the_teacher_requests():
+    """The teacher client the generation actors use (each with its share of the cap) paces its sends."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from llava.chat_client import ChatClient, EndpointConfig
+    from tests.openai_stub import ScriptedOpenAI
+
+    with ScriptedOpenAI(lambda body, attempt: "A quiet scene.") as server:
+        client = ChatClient(EndpointConfig(url=server.url, model="teacher", requests_per_minute=300))  # 1 per 0.2 s
+        with ThreadPoolExecutor(3) as pool:  # three threads, as an actor with concurrency 3 has
+            answers = list(pool.map(lambda i: client.complete([{"role": "user", "content": f"scene {i}"}]), range(8)))
+    assert answers == ["A quiet scene."] * 8 and len(server.arrivals) == 8
+    # Sends are 0.2 s apart, so the 8 arrivals span about 1.4 s (less only by the first request's own
+    # delay); three threads against an instant server would finish in well under 0.1 s without the cap.
+    assert server.arrivals[-1] - server.arrivals[0] > 0.9, server.arrivals
+
+
+def test_generate_killed_halfway_resumes_without_asking_twice(tmp_path):
+    """`llava-ray generate` is SIGKILLed after some answers; the re-run asks only what was not recorded."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from tests.openai_stub import ScriptedOpenAI
+
+    captions, images = _coco(tmp_path, 10)
+    out = tmp_path / "out"
+    with ScriptedOpenAI(lambda body, attempt: ("sleep", 0.3, "A quiet scene.")) as server:
+        command = [str(Path(sys.executable).parent / "llava-ray"), "generate", "--annotations", captions,
+                   "--images", images, "--out", str(out), "--endpoint", server.url, "--model", "teacher",
+                   "--types", "detail", "--concurrency", "1", "actors=1"]
+        first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 start_new_session=True)  # its own process group: the job and its local Ray
+        deadline = time.monotonic() + 180
+        while len(server.requests) < 4 and time.monotonic() < deadline and first.poll() is None:
+            time.sleep(0.1)
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+        recorded = -1  # a worker may finish the request in flight and record it before it notices: wait for that
+        while recorded != len(list((out / "parts").glob("*.jsonl"))):
+            recorded = len(list((out / "parts").glob("*.jsonl")))
+            time.sleep(3)
+        asked_first = [r["messages"][-1]["content"] for r in server.requests]
+        assert 4 <= len(asked_first) < 10 and recorded >= 3, "the kill should land halfway"
+
+        again = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
+        summary = json.loads(again.stdout)
+    asked_again = [r["messages"][-1]["content"] for r in server.requests[len(asked_first):]]
+    twice = set(asked_first) & set(asked_again)
+    assert len(twice) <= 1, "only a request in flight at the kill (1 actor x concurrency 1) may be asked again"
+    assert len(asked_first) + len(asked_again) - len(twice) == 10 and len(set(asked_again)) == len(asked_again)
+    assert len(asked_again) == 10 - recorded
+    assert summary["planned"] == summary["kept"] == summary["parquet_rows"] == 10 and summary["not_done"] == 0
+    records = json.loads((out / "llava.json").read_text())
+    assert sorted(r["id"] for r in records) == sorted(f"{i}-detail" for i in range(10))
