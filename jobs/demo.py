@@ -1,6 +1,8 @@
 """Run the embedded demo offline: digits -> tiny models -> stage 1 -> stage 2 (Ray Train + DeepSpeed) -> eval -> export.
 
-Ends by printing one JSON line with the losses, the held-out accuracy and where the model went.
+It is `llava-ray pipeline` on llava/presets/demo/pipeline.yaml with root=--out: a re-run with the same --out
+skips what is complete (manifest: <out>/pipeline.json). Ends by printing one JSON line with the losses, the
+held-out accuracy and where the model went.
 """
 
 import argparse

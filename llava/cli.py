@@ -19,6 +19,7 @@ _results = sys.stdout  # where `emit` writes; main() points sys.stdout at stderr
 
 COMMANDS = {
     "demo": "jobs.demo",
+    "pipeline": "jobs.pipeline",
     "prepare": "jobs.prepare",
     "pretrain": "jobs.pretrain",
     "finetune": "jobs.finetune",

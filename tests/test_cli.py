@@ -90,6 +90,13 @@ def test_demo_runs_both_stages_and_prints_its_summary(tmp_path):
     assert (Path(summary["checkpoint"]) / "llm" / "model.safetensors").exists()
     assert (Path(summary["export"]) / "config.json").exists()
     assert json.loads((tmp_path / "demo" / "runs" / "stage2" / "output.json").read_text())["model"] == summary["checkpoint"]
+    manifest = json.loads((tmp_path / "demo" / "pipeline.json").read_text())  # the demo is the pipeline
+    assert [*manifest["stages"]] == ["prepare", "stage1", "stage2", "eval", "export"]
+    assert all(s["status"] == "complete" and s["ended"] for s in manifest["stages"].values())
+    assert manifest["stages"]["stage2"]["outputs"]["model"] == summary["checkpoint"]
+    again = llava_ray("demo", "--out", str(tmp_path / "demo"), "optim.max_steps=3")  # same run: all skipped
+    assert json.loads(again.stdout.strip().splitlines()[-1]) == summary
+    assert again.stderr.count(": skipped, complete since") == 5 and "local Ray" not in again.stderr
 
 
 def test_serve_runs_the_serve_config_file_until_interrupted(tiny_checkpoint, tmp_path):
