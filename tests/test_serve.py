@@ -130,22 +130,29 @@ def test_concurrent_requests_share_batches_and_each_gets_its_own_answer(chat_ser
 
 
 def test_a_long_request_does_not_hold_up_a_short_one(chat_server):
+    """A short request sent while a long one is decoding is answered while the long one still streams."""
     client = chat_server.client()
-    done = {}
+    decoding, long_chunks = threading.Event(), []
 
-    def ask(name, max_tokens):
-        response = client.chat.completions.create(model="tiny-llava", temperature=0, max_tokens=max_tokens,
-                                                  messages=[{"role": "user", "content": f"{name} request"}])
-        done[name] = time.monotonic()
-        done[name + " tokens"] = response.usage.completion_tokens
+    def long_request():
+        stream = client.chat.completions.create(model="tiny-llava", temperature=0, max_tokens=512, stream=True,
+                                                stream_options={"include_usage": True},
+                                                messages=[{"role": "user", "content": "long request"}])
+        for chunk in stream:
+            long_chunks.append((time.monotonic(), chunk))
+            if len(long_chunks) >= 5:
+                decoding.set()
 
-    long = threading.Thread(target=ask, args=("long", 500))
+    long = threading.Thread(target=long_request)
     long.start()
-    time.sleep(1.0)  # the long request is decoding
-    ask("short", 2)
+    assert decoding.wait(120), "the long request never started streaming"
+    client.chat.completions.create(model="tiny-llava", temperature=0, max_tokens=2,
+                                   messages=[{"role": "user", "content": "short request"}])
+    short_done = time.monotonic()
     long.join()
-    assert done["long tokens"] == 500, "the long request must really decode for long"
-    assert done["short"] < done["long"]
+    assert long_chunks[-1][1].usage.completion_tokens == 512, "the long request must really decode for long"
+    after_short = [chunk for t, chunk in long_chunks if t > short_done and chunk.choices]
+    assert after_short, "the short answer should come back while the long one is still streaming"
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------------
@@ -293,6 +300,33 @@ def test_private_and_link_local_addresses_are_refused_without_an_allow_list():
     check_destination("http://127.0.0.5/a.png", ImageFetchConfig(allow=["127.0.0.0/8"]))  # allowed: no error
 
 
+# ---- our endpoint as a teacher (issue 6: the generation job's wire format end to end) -------------------------------
+
+def test_generate_job_uses_this_server_as_its_teacher(chat_server, tmp_path):
+    """The tiny model's answers are noise: each request must end as kept rows or a counted parse failure."""
+    import json
+
+    from llava.instruct.generate import GenerateConfig, generate
+    from tests.serve_fixtures import KEY_ENV
+
+    images = [{"id": i, "file_name": f"{i}.png", "width": 40, "height": 40} for i in (1, 2)]
+    captions = {"images": images, "annotations": [{"image_id": 1, "caption": "A cat on a mat."},
+                                                  {"image_id": 2, "caption": "A dog in a park."}]}
+    (tmp_path / "captions.json").write_text(json.dumps(captions))
+    (tmp_path / "images").mkdir()
+    for i in (1, 2):
+        (tmp_path / "images" / f"{i}.png").write_bytes(png(i))
+    config = GenerateConfig(captions=str(tmp_path / "captions.json"), images=str(tmp_path / "images"),
+                            out=str(tmp_path / "out"), actors=1)
+    config.endpoint.url, config.endpoint.model, config.endpoint.api_key_env = f"{chat_server.url}/v1", "tiny-llava", KEY_ENV
+    config.endpoint.max_tokens, config.endpoint.max_retries, config.endpoint.concurrency = 32, 0, 3
+    summary = generate(config)
+    assert summary["planned"] == 6 and summary["not_done"] == 0
+    assert not any(reason.startswith("request_failed") for reason in summary["failures"]), summary
+    assert summary["kept"] + sum(summary["failures"].values()) == 6
+    assert all(reason.startswith("unparsable_") for reason in summary["failures"])
+
+
 # ---- autoscaling (last: it loads the server) -------------------------------------------------------------------
 
 def _running_replicas() -> int:
@@ -359,9 +393,9 @@ def test_vllm_engine_gets_the_same_limits_and_a_clear_error_without_vllm():
     assert llm["model_loading_config"] == {"model_id": "llava-7b", "model_source": {"bucket_uri": "s3://bucket/export"}}
     assert llm["engine_kwargs"]["limit_mm_per_prompt"] == {"image": 3}
     assert llm["deployment_config"]["autoscaling_config"]["max_replicas"] == config.autoscaling.max_replicas
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
         from serve.app import build
 
         with pytest.raises(ImportError, match=r"ray\[llm\]"):
