@@ -130,8 +130,10 @@ def test_generate_job_against_a_scripted_teacher_retries_drops_and_resumes(ray_l
                                              "1-complex", "2-complex"}
         assert all(r["teacher"] == "teacher-1" and "<image>" in r["conversations"][0]["value"] for r in records)
 
+        built = (tmp_path / "out" / "parquet" / "_manifest.json").stat().st_mtime_ns
         again = generate(config)  # a re-run asks nothing it has an answer or a rejection for
-        assert len(server.requests) == 11 and again["kept"] == 7
+        assert len(server.requests) == 11 and again["kept"] == 7 and again["parquet_rows"] == 7
+        assert (tmp_path / "out" / "parquet" / "_manifest.json").stat().st_mtime_ns == built  # not rebuilt
 
 
 def _coco(tmp_path, n: int) -> tuple[str, str]:
@@ -182,7 +184,7 @@ def test_requests_per_minute_cap_spaces_the_teacher_requests():
     assert server.arrivals[-1] - server.arrivals[0] > 0.9, server.arrivals
 
 
-def test_generate_killed_halfway_resumes_without_asking_twice(tmp_path):
+def test_generate_killed_halfway_resumes_without_asking_twice(ray_local, tmp_path):
     """`llava-ray generate` is SIGKILLed after some answers; the re-run asks only what was not recorded."""
     import os
     import signal
@@ -213,8 +215,11 @@ def test_generate_killed_halfway_resumes_without_asking_twice(tmp_path):
         asked_first = [r["messages"][-1]["content"] for r in server.requests]
         assert 4 <= len(asked_first) < 10 and recorded >= 3, "the kill should land halfway"
 
-        again = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
-        summary = json.loads(again.stdout)
+        from llava.instruct.generate import GenerateConfig, generate  # the re-run: same job, same --out
+
+        config = GenerateConfig(captions=captions, images=images, out=str(out), types=["detail"], actors=1)
+        config.endpoint.url, config.endpoint.model, config.endpoint.concurrency = server.url, "teacher", 1
+        summary = generate(config)
     asked_again = [r["messages"][-1]["content"] for r in server.requests[len(asked_first):]]
     twice = set(asked_first) & set(asked_again)
     assert len(twice) <= 1, "only a request in flight at the kill (1 actor x concurrency 1) may be asked again"

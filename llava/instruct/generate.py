@@ -13,6 +13,7 @@ parquet under `out/parquet` (images inline, through the normal ingestion) and `o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -141,6 +142,11 @@ def generate(config: GenerateConfig) -> dict:
     return write_outputs(config, plan, done, lost)
 
 
+def _previous_summary(out: str) -> dict:
+    uri = storage.join(out, "summary.json")
+    return json.loads(storage.read_text(uri)) if storage.exists(uri) else {}
+
+
 def write_outputs(config: GenerateConfig, plan: list[dict], done: dict[str, dict], lost: Counter) -> dict:
     from llava.data.prepare import prepare_llava_json
 
@@ -148,16 +154,25 @@ def write_outputs(config: GenerateConfig, plan: list[dict], done: dict[str, dict
     kept = [done[k] for k in keys if k in done and done[k]["conversations"]]
     records = [{"id": r["key"], "image": r["file_name"], "conversations": json.loads(r["conversations"]),
                 "type": r["kind"], "teacher": r["model"]} for r in kept]
-    storage.write_text(storage.join(config.out, "llava.json"), json.dumps(records, indent=1))
+    text = json.dumps(records, indent=1)
+    digest = hashlib.sha256((config.images + "\n" + text).encode()).hexdigest()  # what the parquet is built from
+    storage.write_text(storage.join(config.out, "llava.json"), text)
     failures = Counter(done[k]["failure"] for k in keys if k in done and done[k]["failure"]) + lost
     summary = {"planned": len(plan), "kept": len(kept), "by_type": dict(Counter(r["type"] for r in records)),
                "failures": dict(failures), "not_done": len(plan) - sum(k in done for k in keys),
                "json": storage.join(config.out, "llava.json"), "parquet": storage.join(config.out, "parquet")}
-    if storage.exists(summary["parquet"]):
-        storage.remove(summary["parquet"])  # rebuilt from all parts, never appended to
-    if records:
+    previous = _previous_summary(config.out)
+    if records and previous.get("json_sha256") == digest and storage.exists(summary["parquet"]):
+        log.info("generate: the kept rows are those the parquet in %s was built from; not rebuilt", summary["parquet"])
+        summary["parquet_rows"], summary["parquet_skipped"] = previous["parquet_rows"], previous["parquet_skipped"]
+    elif records:
+        if storage.exists(summary["parquet"]):
+            storage.remove(summary["parquet"])  # rebuilt from all parts, never appended to
         manifest = prepare_llava_json(summary["json"], config.images, summary["parquet"], source="generated")
         summary["parquet_rows"], summary["parquet_skipped"] = manifest.rows, manifest.skipped
+    elif storage.exists(summary["parquet"]):
+        storage.remove(summary["parquet"])  # nothing kept: no stale parquet
+    summary["json_sha256"] = digest
     storage.write_text(storage.join(config.out, "summary.json"), json.dumps(summary, indent=2))
     log.info("generate: kept %d of %d requests %s, failures %s; LLaVA JSON %s, parquet %s", len(kept), len(plan),
              summary["by_type"], dict(failures) or "none", summary["json"], summary["parquet"])
