@@ -327,6 +327,33 @@ def test_generate_job_uses_this_server_as_its_teacher(chat_server, tmp_path):
     assert all(reason.startswith("unparsable_") for reason in summary["failures"])
 
 
+def test_url_fetching_can_be_switched_off_and_times_out():
+    from serve.config import ImageFetchConfig
+    from serve.images import load_image_bytes
+    from serve.protocol import APIError
+
+    with pytest.raises(APIError) as refused:
+        load_image_bytes("http://example.com/a.png", ImageFetchConfig(enabled=False), 1000)
+    assert refused.value.code == "image_url_fetch_disabled"
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            time.sleep(2)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(APIError) as slow:
+            load_image_bytes(f"http://127.0.0.1:{server.server_port}/a.png",
+                             ImageFetchConfig(timeout_s=0.5, allow=["127.0.0.1"]), 1000)
+        assert slow.value.code == "image_fetch_failed" and "timed out" in slow.value.message
+    finally:
+        server.shutdown()
+
+
 # ---- autoscaling (last: it loads the server) -------------------------------------------------------------------
 
 def _running_replicas() -> int:
