@@ -6,7 +6,7 @@ from jobs.arguments import add_config_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="llava-ray checkpoint or training run dir (local or s3://)")
+    parser.add_argument("--model", required=True, help="llava-ray checkpoint, training run dir or HF export (local or s3://)")
     parser.add_argument("--questions", required=True, help="JSONL file or parquet file/dataset (local or s3://)")
     parser.add_argument("--out", required=True, help="output dir for predictions.jsonl and summary.json")
     parser.add_argument("--images", default=None, help="root for relative image paths (default: next to --questions)")
