@@ -12,10 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
-import numpy as np
 import torch
 
-from llava.generation import EncodedPrompt
+from llava.generation import EncodedPrompt, left_padded_batch
 from llava.templates import get_template
 from llava.tokenization import stop_token_ids
 
@@ -83,18 +82,10 @@ class BatchDecoder:
         self.prompts = prompts
 
     def _prefill(self):
-        model, prompts = self.model, self.prompts
-        device = next(model.parameters()).device
-        length = max(len(p.input_ids) for p in prompts)
-        input_ids = torch.full((len(prompts), length), model.tokenizer.pad_token_id, dtype=torch.long)  # (B, L)
-        attention = torch.zeros((len(prompts), length), dtype=torch.long)  # (B, L), left padding
-        for i, p in enumerate(prompts):
-            input_ids[i, length - len(p.input_ids):] = torch.tensor(p.input_ids)
-            attention[i, length - len(p.input_ids):] = 1
-        pixels = [x for p in prompts for x in p.pixel_values]
-        pixel_values = torch.from_numpy(np.stack(pixels)).to(device) if pixels else None  # (n_images, 3, S, S)
-        embeds = model.embed(input_ids.to(device), pixel_values)  # (B, L, D)
-        attention = attention.to(device)
+        model = self.model
+        input_ids, attention, pixel_values = left_padded_batch(self.prompts, model.tokenizer.pad_token_id,
+                                                               next(model.parameters()).device)
+        embeds = model.embed(input_ids, pixel_values)  # (B, L, D)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)  # (B, L): padding does not shift positions
         out = model.llm(inputs_embeds=embeds, attention_mask=attention, position_ids=positions, use_cache=True)
         return out.logits[:, -1], out.past_key_values, attention, positions[:, -1:]

@@ -49,30 +49,26 @@ class ExportResult:
     message: str
 
 
-def to_hf_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename our parameters to HF Llava's; every key must map (no silent drops)."""
+def _renamed(state_dict: dict[str, torch.Tensor], prefixes: list[tuple[str, str]], unknown: str) -> dict:
+    """Every key's first matching `(old, new)` prefix replaced; a key that matches none raises (no silent drops)."""
     converted = {}
     for key, value in state_dict.items():
-        for ours, theirs in _PREFIX_MAP:
-            if key.startswith(ours):
-                converted[theirs + key[len(ours):]] = value
-                break
-        else:
-            raise KeyError(f"no HF Llava name for parameter {key!r}")
+        old, new = next(((old, new) for old, new in prefixes if key.startswith(old)), (None, None))
+        if old is None:
+            raise KeyError(f"{unknown} {key!r}")
+        converted[new + key[len(old):]] = value
     return converted
+
+
+def to_hf_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename our parameters to HF Llava's."""
+    return _renamed(state_dict, _PREFIX_MAP, "no HF Llava name for parameter")
 
 
 def from_hf_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """HF Llava's parameter names (in memory or on disk) -> ours: the inverse of `to_hf_state_dict`."""
-    converted = {}
-    for key, value in state_dict.items():
-        for ours, theirs in _PREFIX_MAP + _DISK_PREFIX_MAP:
-            if key.startswith(theirs):
-                converted[ours + key[len(theirs):]] = value
-                break
-        else:
-            raise KeyError(f"unknown HF Llava parameter {key!r}")
-    return converted
+    flipped = [(theirs, ours) for ours, theirs in _PREFIX_MAP + _DISK_PREFIX_MAP]
+    return _renamed(state_dict, flipped, "unknown HF Llava parameter")
 
 
 def hf_llava_config(model):

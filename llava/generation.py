@@ -40,6 +40,19 @@ def encode_prompt(model, prompt: Prompt) -> EncodedPrompt:
     return EncodedPrompt(ids, [load_pixel_values(data, model.config.image) for data in prompt.images])
 
 
+def left_padded_batch(encoded: list[EncodedPrompt], pad_id: int, device) -> tuple:
+    """(input_ids, attention_mask, pixel_values) on `device`: ids left-padded to the longest prompt."""
+    length = max(len(e.input_ids) for e in encoded)
+    input_ids = torch.full((len(encoded), length), pad_id, dtype=torch.long)  # (B, L), left-padded
+    attention = torch.zeros((len(encoded), length), dtype=torch.long)  # (B, L)
+    for i, e in enumerate(encoded):
+        input_ids[i, length - len(e.input_ids):] = torch.tensor(e.input_ids)
+        attention[i, length - len(e.input_ids):] = 1
+    pixels = [p for e in encoded for p in e.pixel_values]
+    pixel_values = torch.from_numpy(np.stack(pixels)).to(device) if pixels else None  # (n_images, 3, S, S)
+    return input_ids.to(device), attention.to(device), pixel_values
+
+
 def _cut(text: str, stops: tuple[str, ...]) -> str:
     for stop in stops:
         if stop and stop in text:
@@ -53,20 +66,12 @@ def greedy_decode(model, encoded: list[EncodedPrompt], max_new_tokens: int = 64,
     model.eval()
     template = get_template(model.config.template)
     stops = stop_token_ids(model.tokenizer, template)
-    pad = model.tokenizer.pad_token_id
     device = next(model.parameters()).device
     answers: list[str] = []
     for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start : start + batch_size]
-        length = max(len(e.input_ids) for e in chunk)
-        input_ids = torch.full((len(chunk), length), pad, dtype=torch.long)  # (B, L), left-padded
-        attention = torch.zeros((len(chunk), length), dtype=torch.long)  # (B, L)
-        for i, e in enumerate(chunk):
-            input_ids[i, length - len(e.input_ids):] = torch.tensor(e.input_ids)
-            attention[i, length - len(e.input_ids):] = 1
-        pixels = [p for e in chunk for p in e.pixel_values]
-        pixel_values = torch.from_numpy(np.stack(pixels)).to(device) if pixels else None  # (n_images, 3, S, S)
-        new_tokens = model.generate(input_ids.to(device), pixel_values=pixel_values, attention_mask=attention.to(device),
+        input_ids, attention, pixel_values = left_padded_batch(encoded[start : start + batch_size],
+                                                               model.tokenizer.pad_token_id, device)
+        new_tokens = model.generate(input_ids, pixel_values=pixel_values, attention_mask=attention,
                                     max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops)
         for row in new_tokens.tolist():
             cut = next((i for i, token in enumerate(row) if token in stops), len(row))

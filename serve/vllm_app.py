@@ -8,6 +8,7 @@ CPU-only machines; `vllm_llm_config` (what is deployed) is tested there.
 """
 
 from llava import storage
+from llava.config import config_to_dict
 from serve.config import ServeConfig
 
 
@@ -17,13 +18,7 @@ def vllm_llm_config(config: ServeConfig) -> dict:
     return {
         "model_loading_config": {"model_id": config.model_name, "model_source": source},
         "deployment_config": {
-            "autoscaling_config": {
-                "min_replicas": config.autoscaling.min_replicas,
-                "max_replicas": config.autoscaling.max_replicas,
-                "target_ongoing_requests": config.autoscaling.target_ongoing_requests,
-                "upscale_delay_s": config.autoscaling.upscale_delay_s,
-                "downscale_delay_s": config.autoscaling.downscale_delay_s,
-            },
+            "autoscaling_config": config_to_dict(config.autoscaling),
             "max_ongoing_requests": config.replica.max_ongoing_requests,
         },
         "engine_kwargs": {
