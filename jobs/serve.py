@@ -20,9 +20,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import os
-    import tempfile
-
-    import yaml
 
     from llava.cli import emit
     from llava.config import load_config
@@ -30,11 +27,8 @@ def run(args: argparse.Namespace) -> int:
     from serve.app import run_local, wait_until_interrupted
     from serve.config import ServeConfig, serve_config_layer
 
-    layers = []
-    if args.config:  # our fields, or a Serve config file (serve/config.yaml) whose app args they are
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as layer:
-            yaml.safe_dump(serve_config_layer(args.config), layer)
-        layers.append(layer.name)
+    # --config: our fields, or a Serve config file (serve/config.yaml) whose app args they are
+    layers = [serve_config_layer(args.config)] if args.config else []
     given = {"model": args.model, "host": args.host, "port": args.port}
     config = load_config(ServeConfig, layers, [f"{k}={v}" for k, v in given.items() if v] + args.overrides)
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")  # slow starts on small machines

@@ -97,12 +97,13 @@ class FreezeConfig:
 T = TypeVar("T")
 
 
-def load_config(cls: type[T], path: str | Path | list[str | Path] | None = None,
+def load_config(cls: type[T], path: str | Path | dict | list[str | Path | dict] | None = None,
                 overrides: list[str] | None = None) -> T:
-    """Build `cls` from its defaults, then YAML file(s) in order (later wins), then `a.b=value` overrides."""
+    """Build `cls` from its defaults, then layers in order (later wins): YAML files or dicts of fields,
+    then `a.b=value` overrides."""
     merged = OmegaConf.structured(cls)
     for layer in ([] if path is None else path if isinstance(path, list) else [path]):
-        merged = OmegaConf.merge(merged, OmegaConf.load(str(layer)))
+        merged = OmegaConf.merge(merged, OmegaConf.create(layer) if isinstance(layer, dict) else OmegaConf.load(str(layer)))
     if overrides:
         bad = [o for o in overrides if "=" not in o]
         if bad:
