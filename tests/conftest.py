@@ -42,6 +42,15 @@ def tokenizer(base_models):
 
 
 @pytest.fixture(scope="session")
+def sp_tokenizer_dirs(tmp_path_factory) -> dict[str, str]:
+    """{"legacy": dir, "non_legacy": dir}: Llama-style SentencePiece tokenizers (tokenizer.model +
+    tokenizer_config.json only, as Vicuna / Llama-2 ship), trained offline."""
+    from tests.sentencepiece_tokenizers import build_sentencepiece_tokenizer_dirs
+
+    return build_sentencepiece_tokenizer_dirs(tmp_path_factory.mktemp("sentencepiece"))
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoint(base_models, tmp_path_factory) -> str:
     """A saved llava-ray checkpoint (vicuna_v1 template, 32 px images, 200-token context) of the tiny models."""
     from llava.config import ImageConfig, ModelConfig
