@@ -2,7 +2,7 @@
 
 import argparse
 
-from llava.remote import add_submission_arguments
+from jobs.remote import add_submission_arguments
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, overrides_example: str) -> None:

@@ -2,8 +2,8 @@
 
 Each job module defines `add_arguments(parser)` and `run(args) -> int`, and keeps
 its heavy imports inside `run` so `llava-ray --help` stays fast. A job's result goes to
-stdout as one JSON line (`emit`); everything else printed while it runs (logs, progress,
-Ray's forwarded worker output, DeepSpeed banners) is sent to stderr.
+stdout as one JSON line (`jobs.output.emit`); everything else printed while it runs (logs,
+progress, Ray's forwarded worker output, DeepSpeed banners) is sent to stderr.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import argparse
 import importlib
 import logging
 import os
-import json
 import sys
 
-_results = sys.stdout  # where `emit` writes; main() points sys.stdout at stderr while a job runs
+from jobs import remote
+from jobs.output import results_only_on_stdout
 
 COMMANDS = {
     "demo": "jobs.demo",
@@ -47,15 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def emit(result) -> None:
-    """Write a job's result to stdout as one JSON line (marked inside a submitted Ray job: llava/remote.py)."""
-    from llava.remote import RESULT_PREFIX, SUBMITTED_ENV
-
-    print((RESULT_PREFIX if os.environ.get(SUBMITTED_ENV) else "") + json.dumps(result), file=_results, flush=True)
-
-
 def main(argv: list[str] | None = None) -> int:
-    global _results
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -63,25 +55,20 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from llava import remote
-
     submit_to = remote.submission_target(args)  # --address http(s)://HEAD:8265: run as a Ray job there
     if not submit_to:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    _results, sys.stdout = sys.stdout, sys.stderr
-    try:
-        if submit_to:
-            return remote.submit(args, submit_to, sys.argv[1:] if argv is None else list(argv))
-        return int(args.run(args) or 0)
-    finally:
-        if "ray" in sys.modules and sys.modules["ray"].is_initialized():
-            sys.modules["ray"].shutdown()  # flush forwarded worker logs while they still go to stderr
-        sys.stdout = _results
+    with results_only_on_stdout():
+        try:
+            if submit_to:
+                return remote.submit(args, submit_to, sys.argv[1:] if argv is None else list(argv))
+            return int(args.run(args) or 0)
+        finally:
+            if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+                sys.modules["ray"].shutdown()  # flush forwarded worker logs while they still go to stderr
 
 
-if __name__ == "__main__":  # `python -m llava.cli` (a --working-dir job): run the importable module, whose
-    from llava.cli import main as _main  # `_results` is the one the jobs' `from llava.cli import emit` writes to
-
-    sys.exit(_main())
+if __name__ == "__main__":  # `python -m jobs.cli` (a --working-dir job)
+    sys.exit(main())

@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llava.cli import emit
+    from jobs.output import emit
     from llava.config import load_config
     from llava.ray_runtime import init_ray
 

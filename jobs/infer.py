@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from llava.cli import emit
+    from jobs.output import emit
     from llava.config import load_config
     from llava.inference.batch import InferConfig, run_batch_inference
     from llava.ray_runtime import init_ray

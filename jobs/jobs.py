@@ -25,8 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llava.cli import emit
-    from llava.remote import attach, connect, dashboard_address, describe
+    from jobs.output import emit
+    from jobs.remote import attach, connect, dashboard_address, describe
 
     address = dashboard_address(args.address)
     client = connect(address)

@@ -16,8 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llava.cli import emit
-    from llava.pipeline import Pipeline, load_pipeline_config, summary
+    from jobs.output import emit
+    from jobs.pipeline_runner import Pipeline, load_pipeline_config, summary
 
     pipeline = Pipeline(load_pipeline_config(args.config, args.overrides), args.address, args.s3_endpoint)
     pipeline.run()

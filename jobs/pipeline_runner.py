@@ -5,7 +5,7 @@
 
 Everything goes under `root` (local dir or s3://): `data/<split>`, `base/` (tiny base models), `runs/stage{1,2}`
 (every training stage's `checkpoint.storage_path` is `<root>/runs`), `eval/`, `export/`, and the run manifest
-`pipeline.json` (llava/run_manifest.py), which makes a re-run skip the stages already complete, resume the
+`pipeline.json` (jobs/run_manifest.py), which makes a re-run skip the stages already complete, resume the
 interrupted one and re-run whatever changed, with everything downstream of it.
 
 The stages' configs are the jobs' own dataclasses: `stage1` is a PretrainConfig, `stage2` a FinetuneConfig
@@ -31,7 +31,7 @@ from llava.config import config_from_dict, config_to_dict
 from llava.data.ingest import IngestConfig
 from llava.evaluation.llava_bench import LlavaBenchConfig
 from llava.evaluation.scienceqa import ScienceQAConfig
-from llava.run_manifest import COMPLETE, RunManifest, StageRecord, code_version, fingerprint, now
+from jobs.run_manifest import COMPLETE, RunManifest, StageRecord, code_version, fingerprint, now
 from llava.training.config import PRESETS_DIR, FinetuneConfig, PretrainConfig, preset_names
 from serve.config import ServeConfig
 

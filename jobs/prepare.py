@@ -2,7 +2,7 @@
 
 import argparse
 
-from llava.remote import add_submission_arguments
+from jobs.remote import add_submission_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from llava.cli import emit
+    from jobs.output import emit
     from llava.data.prepare import prepare
     from llava.ray_runtime import init_ray
 

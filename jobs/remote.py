@@ -9,10 +9,10 @@ else the job's exit code (1 when it has none). Ctrl-C detaches and leaves the jo
 
 Inside the job Ray sets RAY_ADDRESS to the cluster's GCS address, so the job's `init_ray` joins the
 cluster as a driver; the SUBMITTED_ENV marker (and the submission flags being left out of the job's
-command line) keeps it from submitting itself again. There, `emit` prefixes each result line with
-RESULT_PREFIX so the submitter can tell it apart from the logs and put it on its own stdout.
+command line) keeps it from submitting itself again. There, `emit` (jobs/output.py) prefixes each result
+line with RESULT_PREFIX so the submitter can tell it apart from the logs and put it on its own stdout.
 
-Only the standard library is imported at module level: `llava.cli` imports this on every command.
+Only the standard library is imported at module level: `jobs.cli` imports this on every command.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+from jobs.output import RESULT_PREFIX, SUBMITTED_ENV, emit
+
 log = logging.getLogger(__name__)
 
-SUBMITTED_ENV = "LLAVA_RAY_SUBMITTED"  # set in every submitted job's environment
-RESULT_PREFIX = "llava-ray-result: "  # marks `emit`'s lines in a submitted job's logs
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 DETACHED_EXIT = 130  # Ctrl-C: we stopped following; the job goes on
@@ -61,7 +61,7 @@ def add_submission_arguments(parser: argparse.ArgumentParser) -> None:
              "HOST:PORT or 'auto' joins the cluster from here (default: RAY_ADDRESS, else a local Ray)")
     remote = parser.add_argument_group("remote submission (with --address http(s)://HEAD:8265)")
     remote.add_argument("--working-dir", default=None,
-                        help="upload this source tree and run it (python -m llava.cli) instead of the llava-ray "
+                        help="upload this source tree and run it (python -m jobs.cli) instead of the llava-ray "
                              "installed on the cluster; relative paths in the command resolve inside it")
     remote.add_argument("--pip", action="append", default=[], metavar="REQUIREMENT",
                         help="pip requirement installed into the job's environment (repeatable)")
@@ -117,7 +117,7 @@ class Submission:
         return out
 
     def entrypoint(self) -> str:
-        program = ["python", "-m", "llava.cli"] if self.working_dir else ["llava-ray"]
+        program = ["python", "-m", "jobs.cli"] if self.working_dir else ["llava-ray"]
         return shlex.join(program + self.job_argv())
 
     def runtime_env(self) -> dict:
@@ -147,8 +147,6 @@ def connect(address: str):
 
 def submit(args: argparse.Namespace, address: str, argv: list[str]) -> int:
     """Submit this command as a Ray job at `address`, then follow it (unless --detach). Returns the exit code."""
-    from llava.cli import emit
-
     submission = Submission.from_args(args, argv)
     client = connect(address)
     job_id = client.submit_job(
@@ -169,8 +167,6 @@ def attach(client, job_id: str, address: str) -> int:
     Returns 0 if the job SUCCEEDED, else its exit code (1 when it has none); DETACHED_EXIT on Ctrl-C,
     which leaves the job running. A final status line is printed unless the job succeeded with results.
     """
-    from llava.cli import emit
-
     follower = _LogFollower(emit)
     try:
         try:

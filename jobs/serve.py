@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import os
 
-    from llava.cli import emit
+    from jobs.output import emit
     from llava.config import load_config
     from llava.ray_runtime import init_ray
     from serve.app import run_local, wait_until_interrupted

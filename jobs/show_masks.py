@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llava.cli import emit
+    from jobs.output import emit
     from transformers import AutoTokenizer
 
     from llava.templates import SampleRejected

@@ -9,7 +9,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llava.cli import emit
+    from jobs.output import emit
     from llava.tiny_models import build_tiny_base_models
 
     paths = build_tiny_base_models(args.out, seed=args.seed)

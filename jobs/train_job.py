@@ -2,7 +2,7 @@
 
 import argparse
 
-from llava.remote import add_submission_arguments
+from jobs.remote import add_submission_arguments
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,7 +16,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def run_train(job: str, args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from llava.cli import emit
+    from jobs.output import emit
     from llava.ray_runtime import init_ray
     from llava.training.config import load_train_config
     from llava.training.trainer import train

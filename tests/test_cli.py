@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from llava.cli import main
+from jobs.cli import main
 
 
 def llava_ray(*args, check=True):

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llava.cli import COMMANDS, build_parser
+from jobs.cli import COMMANDS, build_parser
 from llava.training.config import load_train_config
 
 REPO = Path(__file__).resolve().parent.parent

@@ -315,7 +315,7 @@ def test_length_grouping_cuts_padding_and_keeps_every_row_once(digits_dir, base_
 
 
 def test_prepare_command_line(ray_local, tmp_path, capsys):
-    from llava.cli import main
+    from jobs.cli import main
 
     images = tmp_path / "images"
     images.mkdir()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from llava.run_manifest import COMPLETE, RUNNING, RunManifest, code_version
+from jobs.run_manifest import COMPLETE, RUNNING, RunManifest, code_version
 
 
 def _work(calls: list, name: str, out: Path):
@@ -90,7 +90,7 @@ def test_manifest_under_an_s3_root(s3_bucket):
 
 
 def test_pipeline_config_layers_presets_file_and_overrides(tmp_path):
-    from llava.pipeline import DEMO_CONFIG, load_pipeline_config
+    from jobs.pipeline_runner import DEMO_CONFIG, load_pipeline_config
 
     config = load_pipeline_config(DEMO_CONFIG, ["root=rel/dir", "stage2.optim.max_steps=2", "serve.port=9000"])
     assert config.root == str(Path("rel/dir").absolute())
@@ -148,13 +148,13 @@ def fake_jobs(monkeypatch):
              "llava.model": {"LlavaModel": types.SimpleNamespace(from_pretrained=lambda uri: uri)}}
     for name, attrs in fakes.items():
         monkeypatch.setitem(sys.modules, name, types.SimpleNamespace(**attrs))
-    monkeypatch.setattr("llava.pipeline.Pipeline.ray", lambda self: None)
+    monkeypatch.setattr("jobs.pipeline_runner.Pipeline.ray", lambda self: None)
     return calls
 
 
 def test_pipeline_command_wires_the_stages_and_reruns_only_what_changed(fake_jobs, tmp_path, capsys):
-    from llava.cli import main
-    from llava.pipeline import DEMO_CONFIG, Pipeline, load_pipeline_config
+    from jobs.cli import main
+    from jobs.pipeline_runner import DEMO_CONFIG, Pipeline, load_pipeline_config
 
     root = tmp_path / "run"
     assert main(["pipeline", "--config", str(DEMO_CONFIG), f"root={root}"]) == 0

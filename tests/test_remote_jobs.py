@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from llava import remote
-from llava.cli import build_parser, main
+from jobs import remote
+from jobs.cli import build_parser, main
 from tests.serve_fixtures import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,7 +42,7 @@ def test_the_job_command_line_leaves_out_the_submission_flags():
     assert submission.entrypoint() == "llava-ray -v prepare digits --out s3://b/p --seed 3"
     assert submission.runtime_env() == {"env_vars": {"A": "1", remote.SUBMITTED_ENV: "1"}, "pip": ["boto3"]}
     uploaded = remote.Submission(("eval", "--config", "my eval.yaml"), working_dir=".")
-    assert uploaded.entrypoint() == "python -m llava.cli eval --config 'my eval.yaml'"
+    assert uploaded.entrypoint() == "python -m jobs.cli eval --config 'my eval.yaml'"
     assert uploaded.runtime_env()["working_dir"] == "." and ".git" in uploaded.runtime_env()["excludes"]
 
 
@@ -222,7 +222,7 @@ def test_ctrl_c_detaches_and_jobs_logs_follow_reattaches(cluster, runs, capsys):
     assert reattached["lines"][-1]["status"] == "FAILED" and reattached["lines"][-1]["job_id"] == job_id
     assert "/nonexistent.json: not found" in reattached["stderr"]
     info = JobSubmissionClient(cluster).get_job_info(job_id)  # the runtime env reached the cluster
-    assert info.entrypoint.startswith("python -m llava.cli prepare llava-json")
+    assert info.entrypoint.startswith("python -m jobs.cli prepare llava-json")
     assert info.runtime_env["working_dir"].startswith("gcs://")
     assert info.runtime_env["env_vars"] == {TEST_ENV: "yes", remote.SUBMITTED_ENV: "1"}
     assert "working_dir_files" in reattached["stderr"]  # the traceback runs through the uploaded tree
