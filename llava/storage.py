@@ -4,8 +4,14 @@ S3 means any S3-compatible endpoint (AWS, MinIO, Ceph, moto, ...). The endpoint 
 ``endpoint_url`` argument of :func:`filesystem` or the ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``
 environment variables (unset: AWS itself); the region from ``AWS_REGION`` / ``AWS_DEFAULT_REGION``
 (default ``us-east-1``); credentials from the usual AWS chain (env vars, ``~/.aws``, instance role),
-resolved by pyarrow. :func:`filesystem` hands out the ``pyarrow.fs`` filesystem itself, for
-``pyarrow.parquet``, ``ray.data`` and Ray Train's ``storage_filesystem``.
+resolved by pyarrow (reads, listings) and boto3 (writes). :func:`filesystem` hands out the ``pyarrow.fs``
+filesystem itself, for ``pyarrow.parquet``, ``ray.data`` and Ray Train's ``storage_filesystem``.
+
+Writes are all-or-nothing: an object appears at its key (or a local file at its path) only once
+all of its bytes are written. S3 writes go through boto3's managed upload, which aborts the multipart
+upload when anything fails, including an exception raised by the code producing the bytes; pyarrow's
+S3 output stream cannot be aborted (closing it, also on an exception, completes the upload and
+leaves a truncated object that looks whole).
 
 Every failure is raised as :class:`StorageError` whose message names the URI and the problem, e.g.
 ``s3://nope/x: bucket 'nope' does not exist (endpoint http://127.0.0.1:9000)``. Timeouts are short
@@ -16,9 +22,9 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import Iterable, Iterator
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -27,14 +33,20 @@ CONNECT_TIMEOUT_S = 2.0  # TCP connect
 REQUEST_TIMEOUT_S = 5.0  # on Linux (curl) this is a stall timeout: < 1 byte/s for this long
 MAX_ATTEMPTS = 3  # AWS standard retry strategy (also retries throttling / 5xx)
 _CHUNK = 8 << 20
+_PART = 16 << 20  # S3 multipart part size: objects up to 10,000 parts = 160 GiB
 _THREADS = 8
 
 _cache: dict[tuple, pafs.FileSystem] = {}
+_clients: dict[tuple, object] = {}
 _lock = threading.Lock()
 
 
 class StorageError(RuntimeError):
     """A storage operation failed; the message names the URI and the problem."""
+
+
+class TooLargeError(StorageError):
+    """A read stopped at its byte limit: the object is larger than the caller allows."""
 
 
 def is_s3(uri: str) -> bool:
@@ -67,6 +79,13 @@ def _describe(endpoint_url: str | None) -> str:
     return _endpoint(endpoint_url) or f"AWS S3 ({_region()})"
 
 
+def _client_key(endpoint_url: str | None) -> tuple:
+    """(endpoint, region, credentials hash): credentials are part of the key so that a changed environment
+    gets a fresh filesystem / client."""
+    creds = tuple(os.environ.get(v) for v in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"))
+    return _endpoint(endpoint_url), _region(), hash(creds)
+
+
 def filesystem(uri: str, endpoint_url: str | None = None) -> tuple[pafs.FileSystem, str]:
     """``(pyarrow filesystem, path inside it)`` for ``uri``; S3 filesystems are cached per endpoint."""
     uri = str(uri)
@@ -74,10 +93,8 @@ def filesystem(uri: str, endpoint_url: str | None = None) -> tuple[pafs.FileSyst
         path = uri[len("file://"):] if uri.startswith("file://") else uri
         return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
     bucket, key = _split_s3(uri)
-    endpoint, region = _endpoint(endpoint_url), _region()
-    # Credentials are part of the key so that a changed environment gets a fresh filesystem.
-    creds = tuple(os.environ.get(v) for v in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"))
-    cache_key = (endpoint, region, hash(creds))
+    cache_key = _client_key(endpoint_url)
+    endpoint, region = cache_key[0], cache_key[1]
     with _lock:
         fs = _cache.get(cache_key)
         if fs is None:
@@ -161,24 +178,107 @@ def open_input(uri: str):
         return fs.open_input_stream(path, compression=None, buffer_size=_CHUNK if is_s3(uri) else None)
 
 
-def read_bytes(uri: str) -> bytes:
+def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
+    """The bytes at ``uri``; with ``max_bytes``, :class:`TooLargeError` once more than that many arrive
+    (it never reads more than ``max_bytes + 1``, so ``/dev/zero`` or a huge object cannot exhaust memory)."""
     with _errors(uri), open_input(uri) as f:
-        return f.read()
+        if max_bytes is None:
+            return f.read()
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise TooLargeError(f"{uri}: larger than the limit of {max_bytes} bytes")
+    return data
+
+
+def _s3_client():
+    """A boto3 S3 client for the current endpoint, region and credentials (cached like the filesystems)."""
+    key = _client_key(None)
+    with _lock:
+        client = _clients.get(key)
+        if client is None:
+            import boto3
+            from botocore.config import Config
+
+            config = Config(connect_timeout=CONNECT_TIMEOUT_S, read_timeout=REQUEST_TIMEOUT_S,
+                            retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"})
+            client = boto3.session.Session().client("s3", endpoint_url=key[0], region_name=key[1], config=config)
+            _clients[key] = client
+    return client
+
+
+def _boto_problem(uri: str, exc: Exception) -> str:
+    """Turn a botocore error into ``"<uri>: <what went wrong>"``, worded like :func:`_problem`."""
+    from botocore.exceptions import ClientError, ConnectTimeoutError, EndpointConnectionError, ReadTimeoutError
+
+    endpoint, (bucket, _) = _describe(None), _split_s3(uri)
+    if isinstance(exc, (ConnectTimeoutError, ReadTimeoutError)):
+        return f"{uri}: cannot reach S3 endpoint {endpoint}: timed out"
+    if isinstance(exc, EndpointConnectionError):
+        return f"{uri}: cannot reach S3 endpoint {endpoint}: connection refused"
+    if isinstance(exc, ClientError):
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code == "NoSuchBucket":
+            return f"{uri}: bucket '{bucket}' does not exist (endpoint {endpoint})"
+        if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken"):
+            return f"{uri}: access denied by S3 endpoint {endpoint} ({code}): check credentials"
+    return f"{uri}: {exc}"
+
+
+class _ChunkReader:
+    """A file-like ``read(n)`` over an iterator of byte chunks (what boto3's upload reads from)."""
+
+    def __init__(self, chunks: Iterable[bytes]):
+        self._chunks: Iterator[bytes] = iter(chunks)
+        self._buffer = b""
+
+    def read(self, size: int = -1) -> bytes:
+        while size < 0 or len(self._buffer) < size:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                break
+            self._buffer += chunk
+        if size < 0:
+            size = len(self._buffer)
+        data, self._buffer = self._buffer[:size], self._buffer[size:]
+        return data
+
+
+def _upload(uri: str, fileobj) -> None:
+    """One S3 object from ``fileobj.read``: multipart above 8 MiB, aborted if anything raises (no object)."""
+    from boto3.s3.transfer import TransferConfig
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = _split_s3(uri)
+    config = TransferConfig(multipart_threshold=_CHUNK, multipart_chunksize=_PART, max_concurrency=_THREADS)
+    try:
+        _s3_client().upload_fileobj(fileobj, bucket, key, Config=config)
+    except (ClientError, BotoCoreError) as exc:
+        raise StorageError(_boto_problem(uri, exc)) from exc
+
+
+def write_stream(uri: str, chunks: Iterable[bytes]) -> None:
+    """Write the concatenated ``chunks`` to ``uri``, all or nothing: if producing a chunk raises, the
+    exception propagates and nothing appears at ``uri`` (an object already there stays as it was)."""
+    if is_s3(uri):
+        _upload(uri, _ChunkReader(chunks))
+        return
+    with _errors(uri):
+        path = filesystem(uri)[1]
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = _tmp_name(path)
+        try:
+            with open(tmp, "wb") as f:
+                for chunk in chunks:
+                    f.write(chunk)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
 def write_bytes(uri: str, data: bytes) -> None:
-    """Write ``data`` to ``uri``; local writes create parent dirs and replace the file atomically."""
-    with _errors(uri):
-        fs, path = filesystem(uri)
-        if is_s3(uri):
-            with fs.open_output_stream(path, compression=None) as f:
-                f.write(data)
-            return
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = _tmp_name(path)
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+    """Write ``data`` to ``uri``, all or nothing (local: temp file + rename; S3: one upload)."""
+    write_stream(uri, [data])
 
 
 def read_text(uri: str) -> str:
@@ -209,23 +309,17 @@ def list_files(uri: str, suffix: str | None = None) -> list[str]:
     return sorted(u for u in found if suffix is None or u.endswith(suffix))
 
 
+def _read_chunks(stream) -> Iterator[bytes]:
+    while chunk := stream.read(_CHUNK):
+        yield chunk
+
+
 def _copy(src_uri: str, dst_uri: str) -> None:
-    """Stream one file between any two URIs (via a temp file + rename when the target is local)."""
-    (src_fs, src), (dst_fs, dst) = filesystem(src_uri), filesystem(dst_uri)
-    target = dst if is_s3(dst_uri) else _tmp_name(dst)
+    """Stream one file between any two URIs, all or nothing at the destination (see :func:`write_stream`)."""
     with _errors(src_uri):
-        source = src_fs.open_input_stream(src, compression=None)
-    with source, _errors(dst_uri):
-        if not is_s3(dst_uri):
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-        try:
-            with dst_fs.open_output_stream(target, compression=None) as out:
-                shutil.copyfileobj(source, out, _CHUNK)
-            if target != dst:
-                os.replace(target, dst)
-        finally:
-            if target != dst and os.path.exists(target):
-                os.remove(target)
+        src_fs, src = filesystem(src_uri)
+        with src_fs.open_input_stream(src, compression=None) as source:
+            write_stream(dst_uri, _read_chunks(source))
 
 
 def _copy_many(pairs: list[tuple[str, str]]) -> None:

@@ -208,3 +208,40 @@ def test_rejected_credentials(s3_server, monkeypatch):
             storage.check_reachable("s3://bkt/k")
     finally:
         server.stop()
+
+
+def test_a_write_that_fails_midway_leaves_no_object(root, s3_server):
+    """The producer of the bytes raises after 40 MiB (S3: two 16 MiB multipart parts are uploaded by then):
+    nothing appears at the key, an object already there is untouched, no upload is left open."""
+    uri = storage.join(root, "model.safetensors")
+    part = os.urandom(4 << 20)
+
+    def failing():
+        for _ in range(10):
+            yield part
+        raise RuntimeError("the producer failed")
+
+    with pytest.raises(RuntimeError, match="the producer failed"):
+        storage.write_stream(uri, failing())
+    assert not storage.exists(uri)
+    storage.write_bytes(uri, b"the previous version")
+    with pytest.raises(RuntimeError, match="the producer failed"):
+        storage.write_stream(uri, failing())
+    assert storage.read_bytes(uri) == b"the previous version"
+    storage.write_stream(uri, iter([part, part, b"end"]))
+    assert storage.read_bytes(uri) == part + part + b"end"
+    if storage.is_s3(root):
+        bucket = root[len("s3://"):].split("/")[0]
+        assert s3_server.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    else:
+        assert os.listdir(os.path.dirname(storage.filesystem(uri)[1])) == ["model.safetensors"]  # no temp file left
+
+
+def test_capped_reads_stop_at_the_limit(root):
+    uri = storage.join(root, "blob.bin")
+    storage.write_bytes(uri, b"x" * 1000)
+    assert storage.read_bytes(uri, max_bytes=1000) == b"x" * 1000
+    with pytest.raises(storage.TooLargeError, match="blob.bin: larger than the limit of 999 bytes"):
+        storage.read_bytes(uri, max_bytes=999)
+    with pytest.raises(storage.TooLargeError):
+        storage.read_bytes("/dev/zero", max_bytes=1 << 20)  # an endless file: stops after 1 MiB + 1 byte
