@@ -46,7 +46,8 @@ def _corpus(lines: int = 3000, seed: int = 0) -> list[str]:
             words[0] = words[0].capitalize()
         line = " ".join(words) + rng.choice([".", "?", "!", ","])
         marks = rng.sample(_MARKUP, 2)
-        out.append(f"{marks[0]} {line} {marks[1]} {rng.randint(0, 999)}")
+        glue = rng.choice([" ", "", "</s>"])  # markup also follows text directly, e.g. "...</s>USER:"
+        out.append(f"{marks[0]} {line}{glue}{marks[1]} {rng.randint(0, 999)}")
     return out
 
 
