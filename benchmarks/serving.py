@@ -15,7 +15,7 @@ flags, saved as a llava-ray checkpoint) on this machine:
   over HTTP keep-alive (http.client), one client thread per concurrent client.
 - baseline: the same client threads call, in this process, per request `encode_prompt` (template,
   image preprocessing) + `LlavaModel.generate` on a batch of one (greedy, the template's stop
-  tokens) -- what `llava.generation.greedy_answers` does for one prompt. With `--baseline serial`
+  tokens) -- HF `generate`, the way one would answer a single prompt without batching. With `--baseline serial`
   (default) the clients hand their requests to a one-thread pool that runs them one at a time in
   arrival order (a single model behind a simple FIFO worker); with `--baseline threads` the client
   threads call `generate` concurrently themselves.
@@ -162,7 +162,7 @@ class Endpoint:
 
 
 class Baseline:
-    """Per-request greedy `generate` on a batch of one, in this process (what greedy_answers does per prompt)."""
+    """Per-request greedy HF `generate` on a batch of one, in this process."""
 
     def __init__(self, checkpoint: str, args):
         from llava.model_loading import load_model
@@ -185,7 +185,7 @@ class Baseline:
         import numpy as np
         import torch
 
-        from llava.generation import Prompt, _cut, encode_prompt
+        from llava.generation import Prompt, encode_prompt
 
         model = self.model
         prompt = Prompt([{"from": "human", "value": "<image>\n" + request["question"]}], [request["image"]])
@@ -196,7 +196,9 @@ class Baseline:
             new = model.generate(input_ids, pixel_values=pixels, attention_mask=torch.ones_like(input_ids),
                                  max_new_tokens=self.max_tokens, do_sample=False, eos_token_id=self.stops)[0].tolist()
         cut = next((i for i, token in enumerate(new) if token in self.stops), len(new))
-        text = _cut(model.tokenizer.decode(new[:cut], skip_special_tokens=True), self.template.stop_strings)
+        text = model.tokenizer.decode(new[:cut], skip_special_tokens=True)
+        hits = [text.index(s) for s in self.template.stop_strings if s and s in text]
+        text = text[: min(hits, default=len(text))].strip()  # cut at the first stop string, as the endpoint does
         return text, min(cut + 1, len(new))  # the stop token counts, as it does in the endpoint's usage
 
 

@@ -1,10 +1,16 @@
-"""Step-wise decoding of a batch of prompts, each with its own sampling settings: the serving engine's core.
+"""Decoding a batch of prompts, each with its own sampling settings: the one decoding path.
 
 `BatchDecoder` prefills the left-padded batch once, then adds one token per row per step
 using the KV cache, and reports per step the new text of every row (holding back text
 that may be the start of a stop string or a half-decoded character). A row ends at a stop
-token, a stop string or its `max_tokens`; the batch ends when every row has. With
-temperature 0 it is greedy and gives the same answers as `llava.generation.greedy_decode`.
+token, a stop string or its `max_tokens`; the batch ends when every row has. The serving
+engine streams its steps; `greedy_decode` (batch inference, evaluation, the demo) runs it at
+temperature 0 to the end.
+
+An answer is the decoded text up to the first stop token, cut at the first stop string
+(searched in the text as decoded, so a stop string inside leading whitespace ends the
+answer, as in the official LLaVA `KeywordsStoppingCriteria`), with surrounding whitespace
+stripped.
 """
 
 from __future__ import annotations
@@ -56,9 +62,7 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
 
 
 def _sample(logits: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator]) -> int:
-    """One token id from (V,) logits: greedy at temperature 0, else temperature + nucleus (top-p) sampling."""
-    if params.temperature <= 0:
-        return int(torch.argmax(logits))
+    """One token id from (V,) logits by temperature (> 0) + nucleus (top-p) sampling."""
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)  # (V,)
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
@@ -96,13 +100,13 @@ class BatchDecoder:
         if token in self.stop_ids:
             row.finish_reason = "stop"
         else:
-            # Answers are stripped, as in llava.generation: leading space never sent, trailing space held back.
-            row.text = self.model.tokenizer.decode(row.tokens, skip_special_tokens=True).lstrip()
-            hits = [row.text.index(s) for s in row.stops if s in row.text]
+            text = self.model.tokenizer.decode(row.tokens, skip_special_tokens=True)
+            hits = [text.index(s) for s in row.stops if s in text]
             if hits:
-                row.text, row.finish_reason = row.text[: min(hits)], "stop"
+                text, row.finish_reason = text[: min(hits)], "stop"
             elif len(row.tokens) >= row.params.max_tokens:
                 row.finish_reason = "length"
+            row.text = text.lstrip()  # answers are stripped: leading space never sent, trailing space held back
         if row.finish_reason:
             row.text = row.text.rstrip()
         end = len(row.text) if row.finish_reason else len(row.text) - _held_back(row.text, row.stops)
@@ -119,12 +123,13 @@ class BatchDecoder:
         while True:
             outputs: list[Optional[StepOutput]] = []
             next_tokens = []
+            greedy = logits.argmax(dim=-1).tolist()  # (B,): one device sync per step for all greedy rows
             for i, row in enumerate(self.rows):
                 if row.finish_reason:
                     outputs.append(None)
                     next_tokens.append(self.model.tokenizer.pad_token_id)
                     continue
-                token = _sample(logits[i], row.params, row.generator)
+                token = greedy[i] if row.params.temperature <= 0 else _sample(logits[i], row.params, row.generator)
                 outputs.append(self._advance(row, token))
                 next_tokens.append(token)
             yield outputs
@@ -136,3 +141,22 @@ class BatchDecoder:
             out = self.model.llm(inputs_embeds=embedding(tokens), attention_mask=attention, position_ids=positions,
                                  past_key_values=cache, use_cache=True)
             logits, cache = out.logits[:, -1], out.past_key_values
+
+    def run(self) -> list[str]:
+        """Decode to the end; every row's answer."""
+        for _ in self.steps():
+            pass
+        return [row.text for row in self.rows]
+
+
+def greedy_decode(model, encoded: list[EncodedPrompt], max_new_tokens: int = 64, batch_size: int = 16) -> list[str]:
+    """One greedy (deterministic) answer per encoded prompt: `BatchDecoder` at temperature 0, `batch_size`
+    prompts per batch."""
+    if max_new_tokens < 1 or batch_size < 1:
+        raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens} and {batch_size}")
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
+    answers: list[str] = []
+    for start in range(0, len(encoded), batch_size):
+        batch = encoded[start : start + batch_size]
+        answers += BatchDecoder(model, batch, [params] * len(batch)).run()
+    return answers

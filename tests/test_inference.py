@@ -1,4 +1,4 @@
-"""Batch inference on a real local Ray (actor pool) against single-process greedy decoding."""
+"""Batch inference on a real local Ray (actor pool) against HF `generate`, one prompt at a time."""
 
 import json
 import os
@@ -11,6 +11,7 @@ import pytest
 
 from llava import storage
 from tests.conftest import png
+from tests.hf_greedy import hf_greedy_answer
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -45,15 +46,14 @@ def test_ray_workers_finish_heavy_imports_before_their_first_task(ray_local):
     assert ray.get([missing_modules.remote() for _ in range(4)]) == [[]] * 4
 
 
-def single_process_answers(checkpoint, prompts, max_new_tokens):
-    from llava.generation import greedy_answers
+def hf_generate_answers(checkpoint, prompts, max_new_tokens):
     from llava.model import LlavaModel
 
-    model = LlavaModel.from_pretrained(checkpoint)
-    return [greedy_answers(model, [p], max_new_tokens, batch_size=1)[0] for p in prompts]
+    model = LlavaModel.from_pretrained(checkpoint).eval()
+    return [hf_greedy_answer(model, p, max_new_tokens) for p in prompts]
 
 
-def test_actor_pool_answers_equal_single_process_greedy_and_bad_rows_become_error_rows(ray_local, checkpoint, tmp_path):
+def test_actor_pool_answers_equal_hf_generate_one_by_one_and_bad_rows_become_error_rows(ray_local, checkpoint, tmp_path):
     from llava.generation import Prompt
     from llava.inference.batch import InferConfig, read_predictions, run_batch_inference
 
@@ -93,7 +93,7 @@ def test_actor_pool_answers_equal_single_process_greedy_and_bad_rows_become_erro
                        if "image" in questions[int(q[1])] else questions[int(q[1])].get("images", []))])
                for q in good]
     assert by_id["q0"]["prompt"].startswith("<image>\n") and by_id["q3"]["prompt"].count("<image>") == 2
-    assert [by_id[q]["answer"] for q in good] == single_process_answers(checkpoint, prompts, 6)
+    assert [by_id[q]["answer"] for q in good] == hf_generate_answers(checkpoint, prompts, 6)
     assert all(isinstance(by_id[q]["answer"], str) for q in good)
 
 

@@ -29,9 +29,10 @@ def reference(tiny_checkpoint):
 
 
 def greedy(reference, messages: list[dict], images: list[bytes], max_tokens: int) -> str:
-    from llava.generation import Prompt, greedy_answers
+    from llava.generation import Prompt
+    from tests.hf_greedy import hf_greedy_answer
 
-    return greedy_answers(reference, [Prompt(messages, images)], max_new_tokens=max_tokens)[0]
+    return hf_greedy_answer(reference, Prompt(messages, images), max_new_tokens=max_tokens)
 
 
 # ---- the API -----------------------------------------------------------------------------------------------------

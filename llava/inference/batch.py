@@ -1,10 +1,10 @@
 """Distributed batch inference: questions -> greedy answers on a Ray Data actor pool.
 
 Each actor loads the model once (`GreedyAnswerer.__init__`) and answers `batch_size` questions
-per forward pass with `llava.generation.greedy_decode`, the same code single-process
-evaluation uses, so the answers are the same. A question that cannot be answered (image
-missing or undecodable, too many/few images, prompt over the context) becomes an error row with
-a reason code; it never fails the job. The driver streams the results, logs progress, writes
+per batch with `llava.decoding.greedy_decode`: the batched decoder the serving engine runs,
+at temperature 0. A question that cannot be answered (image missing or undecodable, too
+many/few images, prompt over the context) becomes an error row with a reason code; it never
+fails the job. The driver streams the results, logs progress, writes
 `predictions.jsonl` (in input order) and `summary.json` under `out`.
 """
 
@@ -82,7 +82,8 @@ class GreedyAnswerer:
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from llava.generation import Prompt, encode_prompt, greedy_decode
+        from llava.decoding import greedy_decode
+        from llava.generation import Prompt, encode_prompt
 
         rows = batch.to_pylist()
         encoded, answered = [], []
