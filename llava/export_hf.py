@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from llava.chat_template import build_chat_template
-from llava.config import ImageConfig, ModelConfig, ProjectorConfig, config_from_dict, config_to_dict
+from llava.config import config_to_dict
 from llava.templates import get_template
 
 log = logging.getLogger(__name__)
@@ -148,50 +148,3 @@ def export_hf(model, out: str | Path) -> ExportResult:
 def is_hf_export(path: str | Path) -> bool:
     config = Path(path) / "config.json"
     return config.exists() and json.loads(config.read_text()).get("model_type") == "llava"
-
-
-def load_hf_export(path: str | Path, dtype: torch.dtype = torch.float32):
-    """A LlavaModel from a `LlavaForConditionalGeneration` directory (ours or any llava-hf one), safetensors only.
-
-    Our exports carry the llava-ray model config (`llava_ray_export.json`); for others the
-    template defaults to vicuna_v1 and preprocessing comes from the processor config.
-    """
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel, LlavaConfig
-    from transformers.initialization import no_init_weights
-
-    from llava.model import LlavaModel
-    from llava.projectors import build_projector
-    from llava.tokenization import prepare_tokenizer
-
-    path = Path(path)
-    hf_config = LlavaConfig.from_pretrained(path)
-    meta = json.loads((path / EXPORT_META_FILE).read_text()) if (path / EXPORT_META_FILE).exists() else {}
-    if "model" in meta:
-        config = config_from_dict(ModelConfig, meta["model"])
-    else:
-        processor = json.loads((path / "preprocessor_config.json").read_text())
-        log.warning("%s has no %s: assuming the vicuna_v1 template", path, EXPORT_META_FILE)
-        config = ModelConfig(
-            select_layer=hf_config.vision_feature_layer,
-            select_feature="patch" if hf_config.vision_feature_select_strategy == "default" else "cls_patch",
-            projector=ProjectorConfig(type="mlp2x_gelu"), template=meta.get("template", "vicuna_v1"),
-            max_length=hf_config.text_config.max_position_embeddings,
-            image=ImageConfig(size=hf_config.vision_config.image_size, aspect="crop",
-                              mean=processor["image_mean"], std=processor["image_std"]))
-    config.vision_tower = config.llm = config.tokenizer = str(path)
-    weights = sorted(path.glob("*.safetensors"))
-    if not weights:
-        raise FileNotFoundError(f"{path} holds no *.safetensors weights (pickle checkpoints are not loaded)")
-    state = from_hf_state_dict({k: v for f in weights for k, v in load_file(str(f)).items()})
-    with no_init_weights():  # every weight is overwritten below: skip the random init
-        vision = CLIPVisionModel(hf_config.vision_config)
-        llm = AutoModelForCausalLM.from_config(hf_config.text_config)
-    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(str(path)), config.template)
-    projector = build_projector(config.projector, hf_config.vision_config.hidden_size, hf_config.text_config.hidden_size)
-    model = LlavaModel(config, vision, projector, llm, tokenizer)
-    if hf_config.tie_word_embeddings and "llm.lm_head.weight" not in state:
-        state["llm.lm_head.weight"] = state["llm.model.embed_tokens.weight"]
-    model.load_state_dict(state, strict=True)
-    log.info("loaded the HF Llava export %s", path)
-    return model.to(dtype)

@@ -4,7 +4,7 @@ The tokenizer has already expanded every `<image>` into `num_image_tokens` copie
 the image token id (llava.tokenization), so the model's only multimodal step is to
 scatter the projected patch features into those positions of the embedded sequence.
 
-On-disk format of a checkpoint directory (see `save_pretrained`):
+On-disk format of a checkpoint directory (see `save_pretrained`; the names are in llava/run_format.py):
 
     llava_config.json       ModelConfig + format version
     projector.safetensors   always
@@ -26,13 +26,10 @@ from torch import nn
 
 from llava.config import ModelConfig, config_from_dict, config_to_dict
 from llava.projectors import build_projector, num_image_tokens
+from llava.run_format import ADAPTER_DIR, CONFIG_FILE, FORMAT_VERSION, LLM_DIR, PROJECTOR_FILE, VISION_DIR
 from llava.tokenization import image_token_id, prepare_tokenizer
 
 log = logging.getLogger(__name__)
-
-CONFIG_FILE = "llava_config.json"
-PROJECTOR_FILE = "projector.safetensors"
-FORMAT_VERSION = 1
 
 
 def _from_pretrained(cls, path: str, **kwargs):
@@ -126,18 +123,18 @@ class LlavaModel(nn.Module):
         if unknown:
             raise ValueError(f"only template, max_length and image can be overridden on load, got {sorted(unknown)}")
         config = config_from_dict(ModelConfig, {**saved["model"], **overrides})
-        vision_path = str(path / "vision") if (path / "vision").is_dir() else config.vision_tower
-        llm_path = str(path / "llm") if (path / "llm").is_dir() else config.llm
-        tokenizer_path = str(path / "llm") if (path / "llm" / "tokenizer_config.json").exists() else config.tokenizer_path
+        vision_path = str(path / VISION_DIR) if (path / VISION_DIR).is_dir() else config.vision_tower
+        llm_path = str(path / LLM_DIR) if (path / LLM_DIR).is_dir() else config.llm
+        tokenizer_path = str(path / LLM_DIR) if (path / LLM_DIR / "tokenizer_config.json").exists() else config.tokenizer_path
         vision = _from_pretrained(CLIPVisionModel, vision_path, dtype=dtype)
         llm = _from_pretrained(AutoModelForCausalLM, llm_path, dtype=dtype)
         tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(_local(tokenizer_path)), config.template)
         resize_embeddings_deterministically(llm, len(tokenizer))
-        if (path / "llm_adapter").is_dir():  # LoRA stage 2: merge the adapter into the base LLM
+        if (path / ADAPTER_DIR).is_dir():  # LoRA stage 2: merge the adapter into the base LLM
             from peft import PeftModel
 
-            llm = PeftModel.from_pretrained(llm, str(path / "llm_adapter")).merge_and_unload()
-            log.info("merged the LoRA adapter %s into the LLM", path / "llm_adapter")
+            llm = PeftModel.from_pretrained(llm, str(path / ADAPTER_DIR)).merge_and_unload()
+            log.info("merged the LoRA adapter %s into the LLM", path / ADAPTER_DIR)
         projector = build_projector(config.projector, vision.config.hidden_size, llm.get_input_embeddings().embedding_dim)
         projector.load_state_dict(load_file(str(path / PROJECTOR_FILE)))
         log.info("loaded LLaVA checkpoint %s (llm from %s, vision from %s)", path, llm_path, vision_path)
@@ -157,13 +154,13 @@ class LlavaModel(nn.Module):
         projector = {k: v.detach().contiguous().cpu() for k, v in _split_state_dict(state_dict, "projector.").items()}
         save_file(projector, str(path / PROJECTOR_FILE))
         if llm and hasattr(self.llm, "peft_config"):
-            self.llm.save_pretrained(path / "llm_adapter", state_dict=_split_state_dict(state_dict, "llm."),
+            self.llm.save_pretrained(path / ADAPTER_DIR, state_dict=_split_state_dict(state_dict, "llm."),
                                      save_embedding_layers=False)
         elif llm:
-            self.llm.save_pretrained(path / "llm", state_dict=_split_state_dict(state_dict, "llm."), safe_serialization=True)
-            self.tokenizer.save_pretrained(path / "llm")
+            self.llm.save_pretrained(path / LLM_DIR, state_dict=_split_state_dict(state_dict, "llm."), safe_serialization=True)
+            self.tokenizer.save_pretrained(path / LLM_DIR)
         if vision:
-            self.vision_tower.save_pretrained(path / "vision", state_dict=_split_state_dict(state_dict, "vision_tower."),
+            self.vision_tower.save_pretrained(path / VISION_DIR, state_dict=_split_state_dict(state_dict, "vision_tower."),
                                               safe_serialization=True)
         meta = {"format_version": FORMAT_VERSION, "model": config_to_dict(self.config), "num_image_tokens": self.num_image_tokens}
         (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2))

@@ -38,14 +38,17 @@ def test_a_checkpoint_in_s3_loads_with_the_same_outputs(model, tiny_checkpoint, 
     assert torch.allclose(_logits(model), _logits(loaded), atol=1e-6)
 
 
-def test_an_hf_export_without_safetensors_is_refused(model, tmp_path):
+def test_an_hf_export_without_readable_weights_is_refused(model, tmp_path):
+    from llava.checkpoint_import import CheckpointError
     from llava.export_hf import export_hf
     from llava.model_loading import load_model
 
     export_hf(model, tmp_path / "export")
-    for weights in (tmp_path / "export").glob("*.safetensors"):
-        weights.rename(weights.with_suffix(".bin"))  # as if the weights were a pickle checkpoint
-    with pytest.raises(FileNotFoundError, match="safetensors"):
+    (tmp_path / "export" / "model.safetensors").rename(tmp_path / "export" / "pytorch_model.bin")  # no pickle inside
+    with pytest.raises(CheckpointError, match=r"refused .*pytorch_model\.bin: not a plain-tensor torch checkpoint"):
+        load_model(str(tmp_path / "export"))
+    (tmp_path / "export" / "pytorch_model.bin").unlink()
+    with pytest.raises(CheckpointError, match="holds no weights"):
         load_model(str(tmp_path / "export"))
     with pytest.raises(FileNotFoundError, match="no model at"):
         load_model(str(tmp_path / "nowhere"))

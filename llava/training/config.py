@@ -79,7 +79,8 @@ class LoraConfig:
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
-    init_from: Optional[str] = None  # a llava-ray checkpoint or run dir (e.g. the stage-1 run) to start from
+    init_from: Optional[str] = None  # checkpoint or run dir to start from: ours (e.g. the stage-1 run), llava-hf or official LLaVA
+    projector_init: Optional[str] = None  # projector weights to start from, e.g. an official stage-1 mm_projector.bin
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)

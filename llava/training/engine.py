@@ -8,22 +8,20 @@ checkpointing, then an AdamW (no weight decay) with a cosine schedule and 3% war
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
 
 import torch
 
-from llava import storage
 from llava.freeze import apply_freeze, count_trainable, parameter_groups
 from llava.model import LlavaModel
+from llava.run_format import resolve_model_uri
+from llava.model_loading import load_checkpoint, load_projector
 from llava.training.config import TrainConfig
 from llava.training.lora import apply_lora
 
 log = logging.getLogger(__name__)
-
-RUN_OUTPUT_FILE = "output.json"  # written by the driver in the run dir: where the final model is
 
 
 @dataclass
@@ -59,23 +57,17 @@ class StepPlan:
         return cls(world_size, micro, accumulation, steps_per_epoch, total, max(1, math.ceil(epochs)), stop)
 
 
-def resolve_model_uri(uri: str) -> str:
-    """A checkpoint dir as is; a training run dir -> the model its run produced (output.json)."""
-    pointer = storage.join(uri, RUN_OUTPUT_FILE)
-    if storage.exists(pointer):
-        return json.loads(storage.read_text(pointer))["model"]
-    return uri
-
-
 def build_model(config: TrainConfig) -> tuple[LlavaModel, dict[str, bool]]:
     """The model to train, its freeze policy applied (and LoRA, gradient checkpointing if configured)."""
     if config.init_from:
         source = resolve_model_uri(config.init_from)
         log.info("starting from %s", source)
-        model = LlavaModel.from_pretrained(source, template=config.model.template,
-                                           max_length=config.model.max_length, image=config.model.image)
+        model = load_checkpoint(source, template=config.model.template,  # ours, llava-hf or official LLaVA
+                                max_length=config.model.max_length, image=config.model.image)
     else:
         model = LlavaModel.from_config(config.model)
+    if config.projector_init:  # e.g. an official stage-1 mm_projector.bin
+        load_projector(model, config.projector_init)
     trainable = apply_freeze(model, config.freeze)
     if config.lora.enabled:
         if not trainable["llm"]:

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from llava.config import config_from_dict
 from llava.data.reader import Batch, LengthGroupedBatcher
+from llava.run_format import DS_DIR, DS_TAG, HF_DIR
 from llava.tokenization import IGNORE_INDEX
 from llava.training.config import TrainConfig
 from llava.training.engine import StepPlan, build_engine, build_model, component_checksums, full_state_dict
@@ -25,7 +26,6 @@ from llava.training.state import IntervalMetrics, SampleRecorder, TrainState, ga
 
 log = logging.getLogger("llava.train")
 
-DS_DIR, HF_DIR, DS_TAG = "ds", "hf", "state"
 
 
 def train_loop(loop_config: dict) -> None:

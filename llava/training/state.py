@@ -16,8 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-STATE_FILE = "train_state.json"
-METRICS_FILE = "metrics.jsonl"
+from llava.run_format import METRICS_FILE, STATE_FILE
 
 
 @dataclass

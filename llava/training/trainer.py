@@ -4,7 +4,8 @@
 
 The run lives in `<checkpoint.storage_path>/<checkpoint.run_name>` (local or s3://): Ray Train's
 checkpoints (`checkpoint_*/{ds,hf}/`, newest K kept), `metrics.jsonl`, and `output.json`, which
-names the final model and is what `init_from` / `llava-ray export` accept as the run's model.
+names the final model and is what `init_from` / `llava-ray export` accept as the run's model
+(the layout: llava/run_format.py).
 """
 
 from __future__ import annotations
@@ -17,15 +18,16 @@ from dataclasses import asdict, dataclass
 import ray
 
 from llava import storage
-from llava.config import ModelConfig, config_from_dict, config_to_dict
+from llava.config import ModelConfig, config_to_dict
 from llava.data.ingest import SkipCounter
 from llava.data.reader import expand_dataset_uris, model_ready_dataset
 from llava.data.schema import Manifest, parquet_rows
-from llava.model import CONFIG_FILE, expected_image_tokens
+from llava.run_format import METRICS_FILE, RunOutput, model_dir
+from llava.model import expected_image_tokens
+from llava.model_loading import checkpoint_model_config
 from llava.training.config import TrainConfig
-from llava.training.engine import RUN_OUTPUT_FILE, StepPlan, resolve_model_uri
-from llava.training.loop import HF_DIR, train_loop
-from llava.training.state import METRICS_FILE
+from llava.training.engine import StepPlan
+from llava.training.loop import train_loop
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +59,9 @@ def data_model_config(config: TrainConfig) -> tuple[ModelConfig, int]:
     Starting from a checkpoint, its tokenizer and architecture win; template, length and image
     settings come from this job's config.
     """
-    data_side = {"template": config.model.template, "max_length": config.model.max_length,
-                 "image": config_to_dict(config.model.image)}
-    if config.init_from:
-        saved = json.loads(storage.read_text(storage.join(resolve_model_uri(config.init_from), CONFIG_FILE)))
-        return config_from_dict(ModelConfig, {**saved["model"], **data_side}), int(saved["num_image_tokens"])
+    if config.init_from:  # any layout llava.model_loading reads (ours, llava-hf, official LLaVA)
+        return checkpoint_model_config(config.init_from, template=config.model.template,
+                                       max_length=config.model.max_length, image=config.model.image)
     return config.model, expected_image_tokens(config.model)
 
 
@@ -123,11 +123,10 @@ def train(config: TrainConfig) -> TrainResult:
     metrics_text = storage.read_text(storage.join(checkpoint, METRICS_FILE))
     metrics = [json.loads(line) for line in metrics_text.splitlines()]
     skipped, examples = ray.get(counter.report.remote())
-    output = {"model": storage.join(checkpoint, HF_DIR), "checkpoint": checkpoint,
-              "steps": result.metrics.get("step"), "skipped_rows": skipped, "config": config_to_dict(config)}
+    output = RunOutput(model_dir(checkpoint), checkpoint, result.metrics.get("step"), skipped, config_to_dict(config))
     storage.write_text(storage.join(run_dir, METRICS_FILE), metrics_text)
-    storage.write_text(storage.join(run_dir, RUN_OUTPUT_FILE), json.dumps(output, indent=2))
+    output.write(run_dir)  # last: a run dir with output.json is a finished run
     if skipped:
         log.warning("rows skipped by the reader: %s (e.g. %s)", skipped, examples)
-    log.info("run %s done: model at %s", run_dir, output["model"])
-    return TrainResult(run_dir, output["model"], checkpoint, int(result.metrics.get("step", 0)), metrics, skipped)
+    log.info("run %s done: model at %s", run_dir, output.model)
+    return TrainResult(run_dir, output.model, checkpoint, int(result.metrics.get("step", 0)), metrics, skipped)
