@@ -26,7 +26,7 @@ def test_presets_follow_the_recipes():
     assert (v1_5_2.optim.lr, v1_5_2.optim.global_batch_size, v1_5_2.model.template) == (2e-5, 128, "vicuna_v1")
     assert v1_5_2.model.image.aspect == "pad"
     v1_2 = load_train_config("finetune", preset="v1", overrides=DATA)
-    assert (v1_2.optim.lr, v1_2.optim.global_batch_size, v1_2.optim.epochs) == (2e-5, 32, 3)
+    assert (v1_2.optim.lr, v1_2.optim.global_batch_size, v1_2.optim.epochs) == (2e-5, 128, 3)  # the scripts' batch
 
 
 def test_file_then_overrides_win_over_the_preset(tmp_path):
