@@ -143,8 +143,3 @@ def export_hf(model, out: str | Path) -> ExportResult:
     message = f"wrote a LlavaForConditionalGeneration + LlavaProcessor directory to {out}"
     log.info(message)
     return ExportResult(str(out), "hf-llava", message)
-
-
-def is_hf_export(path: str | Path) -> bool:
-    config = Path(path) / "config.json"
-    return config.exists() and json.loads(config.read_text()).get("model_type") == "llava"

@@ -15,7 +15,6 @@ import threading
 from typing import Iterator
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from llava.config import ImageConfig
@@ -219,13 +218,3 @@ def load_pixel_values(data: bytes, config: ImageConfig) -> np.ndarray:
 def load_pixels_uint8(data: bytes, config: ImageConfig) -> np.ndarray:
     """Image bytes -> (3, size, size) uint8 pixels before normalisation (see `normalise_pixels`). Raises `ImageError`."""
     return preprocess_image_uint8(decode_image(data, config.max_pixels), config)
-
-
-def stack_pixel_values(arrays: list[np.ndarray]) -> torch.Tensor:
-    """Stack per-image arrays into a (n_images, 3, H, W) float32 tensor.
-
-    An empty list gives `torch.empty(0)` (shape (0,)): with no image there is no H, W to report.
-    """
-    if not arrays:
-        return torch.empty(0)
-    return torch.from_numpy(np.stack(arrays).astype(np.float32, copy=False))

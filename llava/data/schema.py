@@ -32,11 +32,6 @@ SCHEMA = pa.schema(
         pa.field("source", pa.string(), nullable=False),
     ]
 )
-COLUMNS = SCHEMA.names
-
-
-def empty_table() -> pa.Table:
-    return SCHEMA.empty_table()
 
 
 @dataclass
