@@ -173,6 +173,6 @@ def test_pickle_weights_are_refused(base_models, tmp_path):
 
 def test_generate_returns_new_tokens(model):
     input_ids, labels, pixel_values = batch(model, CONVERSATION, 1)
-    prompt = input_ids[:, : next(i for i, l in enumerate(labels[0].tolist()) if l != -100)]
+    prompt = input_ids[:, : next(i for i, label in enumerate(labels[0].tolist()) if label != -100)]
     out = model.generate(prompt, pixel_values, max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 4)

@@ -24,7 +24,7 @@ from llava.data.ingest import RAW_SCHEMA
 
 log = logging.getLogger(__name__)
 
-# LLaVA paper, Table 8 (REFERENCE.md §1 "Data"): instructions for brief image descriptions.
+# Visual Instruction Tuning (Liu et al., 2023, arXiv:2304.08485), Table 8: instructions for brief image descriptions.
 BRIEF_PROMPTS = (
     "Describe the image concisely.",
     "Provide a brief description of the given image.",
