@@ -1,16 +1,18 @@
 """Typed configuration for the LLaVA model and its image preprocessing.
 
-Every job config nests these dataclasses; `load_config` builds any of them from
-a YAML file plus `key.sub=value` command-line overrides (OmegaConf does the
-merging and type checking, so a typo in a key is an error, not a silent no-op).
+Every job config nests these dataclasses; `load_config` builds any of them (and every job's
+config) from its defaults, shipped presets, YAML files or dicts, and `key.sub=value` command-line
+overrides (OmegaConf does the merging and type checking, so a typo in a key is an error, not a
+silent no-op).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, TypeVar
+from typing import Any, Optional, TypeVar, Union
 
 from omegaconf import OmegaConf
 
@@ -95,21 +97,92 @@ class FreezeConfig:
 
 
 T = TypeVar("T")
+Layer = Union[str, Path, dict]
+
+# Mark a numeric field whose None means "decide at run time" (tri-state), e.g.
+# `num_gpus: Optional[float] = field(default=None, metadata=AUTO)`. Every Optional[bool] field is one already.
+AUTO = {"auto": True}
 
 
-def load_config(cls: type[T], path: str | Path | dict | list[str | Path | dict] | None = None,
-                overrides: list[str] | None = None) -> T:
-    """Build `cls` from its defaults, then layers in order (later wins): YAML files or dicts of fields,
-    then `a.b=value` overrides."""
-    merged = OmegaConf.structured(cls)
-    for layer in ([] if path is None else path if isinstance(path, list) else [path]):
-        merged = OmegaConf.merge(merged, OmegaConf.create(layer) if isinstance(layer, dict) else OmegaConf.load(str(layer)))
+@dataclass(frozen=True)
+class Presets:
+    """Named YAML files layered under a config section: `<directory>/<name>/<file>`, e.g. presets/v1_5/pretrain.yaml."""
+
+    directory: Path
+    file: str
+
+    def names(self) -> list[str]:
+        return sorted(p.name for p in self.directory.iterdir() if (p / self.file).is_file())
+
+    def path(self, name: str, section: str = "") -> Path:
+        found = self.directory / name / self.file
+        if not name or "/" in name or not found.is_file():
+            key = f"{section}.preset" if section else "preset"
+            raise ValueError(f"unknown {key} {name!r}; choose one of {self.names()}")
+        return found
+
+
+def load_config(cls: type[T], path: Layer | list[Layer] | None = None, overrides: list[str] | None = None,
+                presets: dict[str, Presets] | None = None) -> T:
+    """The one way every job builds its config: `cls`'s defaults, then presets, then layers, then overrides.
+
+    Layers are YAML files or dicts of fields, in order (later wins); overrides are `a.b=value` strings.
+    `presets` maps a section ("" for the whole config, else a dotted path such as "stage1") to its preset
+    files: when the layers or overrides set `<section>.preset: NAME`, that preset's YAML goes under them
+    at that section. OmegaConf checks every key and type, so a typo in a key is an error, not a no-op.
+    Tri-state fields (`Optional[bool]`, or marked AUTO; None means auto) also take the string "auto".
+    """
+    bad = [o for o in overrides or [] if "=" not in o]
+    if bad:
+        raise ValueError(f"overrides must look like key.sub=value, got {bad}")
+    layers = [] if path is None else path if isinstance(path, list) else [path]
+    given = [OmegaConf.create(layer) if isinstance(layer, dict) else OmegaConf.load(str(layer)) for layer in layers]
     if overrides:
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise ValueError(f"overrides must look like key.sub=value, got {bad}")
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
-    return OmegaConf.to_object(merged)
+        given.append(OmegaConf.from_dotlist(list(overrides)))
+    auto = tri_state_fields(cls)
+    given = [_auto_to_none(layer, auto) for layer in given]
+    merged = OmegaConf.structured(cls)
+    if presets:
+        chosen = OmegaConf.merge(*given) if given else OmegaConf.create()
+        for section, files in presets.items():
+            name = OmegaConf.select(chosen, f"{section}.preset" if section else "preset")
+            if name:
+                preset = OmegaConf.load(str(files.path(str(name), section)))
+                preset = _auto_to_none(preset, [f[len(section) + 1:] for f in auto if f.startswith(section + ".")]
+                                       if section else auto)
+                merged = OmegaConf.merge(merged, _nest(section, preset))
+    return OmegaConf.to_object(OmegaConf.merge(merged, *given))
+
+
+def tri_state_fields(cls: type, prefix: str = "") -> list[str]:
+    """Dotted paths of `cls`'s tri-state fields (Optional[bool], or metadata AUTO), nested dataclasses included."""
+    hints = typing.get_type_hints(cls)
+    found = []
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        optional = len(args) == 1 and len(typing.get_args(kind)) == 2
+        inner = args[0] if optional else kind
+        if (optional and inner is bool) or f.metadata.get("auto"):
+            found.append(prefix + f.name)
+        elif dataclasses.is_dataclass(inner):
+            found += tri_state_fields(inner, f"{prefix}{f.name}.")
+    return found
+
+
+def _auto_to_none(layer, fields: list[str]):
+    """The string "auto" (any case) at a tri-state field -> None."""
+    for key in fields:
+        value = OmegaConf.select(layer, key, default=None, throw_on_missing=False)
+        if isinstance(value, str) and value.lower() == "auto":
+            OmegaConf.update(layer, key, None, merge=False)
+    return layer
+
+
+def _nest(section: str, layer):
+    for part in reversed(section.split(".") if section else []):
+        layer = {part: layer}
+    return layer
 
 
 def config_to_dict(config: Any) -> dict:
@@ -118,8 +191,9 @@ def config_to_dict(config: Any) -> dict:
 
 
 def config_from_dict(cls: type[T], data: dict) -> T:
-    """Inverse of `config_to_dict`, with the same type checks as `load_config`."""
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), OmegaConf.create(data)))
+    """Inverse of `config_to_dict`, with the same type checks (and "auto") as `load_config`."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls),
+                                               _auto_to_none(OmegaConf.create(data), tri_state_fields(cls))))
 
 
 def _plain(value: Any) -> Any:

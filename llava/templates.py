@@ -1,9 +1,19 @@
 """Conversation templates: how a LLaVA conversation becomes a sequence of pieces.
 
 A template renders a conversation into `Piece`s (text, image placeholder, BOS, EOS),
-each marked trainable or not. `llava.tokenization` turns the pieces into token ids and
-labels segment by segment, so the loss mask never depends on re-tokenising a rendered
-string (the official code's "tokenization mismatch" bug, LLaVA issues #661/#1166/#1706).
+each marked trainable or not. `llava.tokenization` tokenises the rendered string once
+(as official training and every inference server do) and labels each token by the
+piece its characters come from, so the loss mask never depends on re-tokenising parts
+of the string and counting (the official code's "tokenization mismatch" bug, LLaVA
+issues #661/#1166/#1706).
+
+Image placement (`image_placement`, default "start"): as official training does
+(`preprocess_multimodal`, haotian-liu/LLaVA llava/train/train.py), a user turn holding
+one `<image>` is rewritten to `<image>\n{text without it, stripped}`, wherever the JSON
+put the placeholder. "keep" leaves every placeholder where it was written. A turn with
+two or more `<image>` always keeps its written positions: the official code would
+collapse them into one placeholder (it trains one image per sample), which would lose
+images; interleaved multi-image text ("compare <image> with <image>") stays readable.
 
 Rendered forms (REFERENCE.md §1, official `llava/conversation.py`):
   plain      <image>{caption}\n
@@ -164,6 +174,18 @@ def normalise_turns(conversations: Iterable[dict]) -> tuple[Optional[str], list[
     return system, normalised
 
 
+IMAGE_PLACEMENTS = ("start", "keep")
+
+
+def place_image(text: str, placement: str = "start") -> str:
+    """A user turn's text with its `<image>` placed as `placement` says (see the module docstring)."""
+    if placement not in IMAGE_PLACEMENTS:
+        raise ValueError(f"image placement must be one of {IMAGE_PLACEMENTS}, got {placement!r}")
+    if placement == "keep" or text.count(IMAGE_TOKEN) != 1:
+        return text
+    return (IMAGE_TOKEN + "\n" + text.replace(IMAGE_TOKEN, "").strip()).strip()
+
+
 def _user_pieces(text: str, keep_text: bool) -> list[Piece]:
     """Split user text at each <image> into text and image pieces."""
     parts = text.split(IMAGE_TOKEN)
@@ -184,9 +206,12 @@ def _format_user(template: Template, fmt: str, content: str, system: str) -> lis
     return _user_pieces(head.format(system=system) + content + tail, keep_text=True)
 
 
-def render(template: Template, turns: list[tuple[str, str]], system: Optional[str] = None) -> list[Piece]:
+def render(
+    template: Template, turns: list[tuple[str, str]], system: Optional[str] = None, image_placement: str = "start"
+) -> list[Piece]:
     """Render validated turns. If the last turn is the user's, the result is an inference prompt."""
     system = template.system if system is None else system
+    turns = [(role, place_image(text, image_placement) if role == "user" else text) for role, text in turns]
     pieces: list[Piece] = []
     if template.bos and not template.bos_each_user_turn:
         pieces.append(Piece("bos"))
@@ -210,8 +235,7 @@ def render(template: Template, turns: list[tuple[str, str]], system: Optional[st
 
 
 def _merge_text(pieces: list[Piece]) -> list[Piece]:
-    """Join neighbouring text pieces with the same trainability, so tokenisation only splits where
-    the label changes or at an image/special token (which a whole-string tokeniser splits at too)."""
+    """Join neighbouring text pieces with the same trainability (and drop empty ones)."""
     merged: list[Piece] = []
     for piece in pieces:
         if piece.kind == "text" and not piece.text:

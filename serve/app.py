@@ -128,7 +128,7 @@ class LlavaChat:
 
 
 def _replica_gpus(config: ServeConfig) -> float:
-    if config.replica.num_gpus >= 0:
+    if config.replica.num_gpus is not None:  # None: auto
         return config.replica.num_gpus
     import ray
 

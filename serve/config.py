@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
+
+from llava.config import AUTO
 
 
 @dataclass
@@ -17,8 +20,14 @@ class AutoscalingConfig:  # Ray Serve's autoscaling_config fields
 @dataclass
 class ReplicaConfig:
     num_cpus: float = 1
-    num_gpus: float = -1  # -1: 1 when the cluster has GPUs, else 0
+    num_gpus: Optional[float] = field(default=None, metadata=AUTO)  # None / auto: 1 when the cluster has GPUs, else 0
     max_ongoing_requests: int = 32  # beyond this a replica queues no more; the router sends elsewhere
+
+    def __post_init__(self) -> None:
+        if self.num_gpus is not None and self.num_gpus < 0:
+            if self.num_gpus != -1:
+                raise ValueError(f"replica.num_gpus must be >= 0, or auto (null), got {self.num_gpus}")
+            self.num_gpus = None  # -1: how auto was written before
 
 
 @dataclass

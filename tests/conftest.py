@@ -24,6 +24,13 @@ import pytest  # noqa: E402
 pytest_plugins = ["tests.s3_server", "tests.serve_fixtures"]  # real S3 server; the chat API on Ray Serve
 
 
+def pytest_collection_modifyitems(items):
+    """Every test on the live chat API (the `chat_server` fixture: a Ray of its own + Ray Serve) is `slow`."""
+    for item in items:
+        if "chat_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def base_models(tmp_path_factory):
     """{"vision_tower": dir, "llm": dir}: tiny CLIP + Llama + BPE tokenizer saved as HF directories."""
@@ -59,6 +66,30 @@ def tiny_checkpoint(base_models, tmp_path_factory) -> str:
     config = ModelConfig(vision_tower=base_models["vision_tower"], llm=base_models["llm"], image=ImageConfig(size=32),
                          template="vicuna_v1", max_length=200)
     return str(LlavaModel.from_config(config).save_pretrained(tmp_path_factory.mktemp("ckpt") / "model"))
+
+
+@pytest.fixture(scope="session")
+def _ray_session():
+    """Shuts down the session's Ray (see `ray_local`) when the test run ends."""
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_local(s3_server, _ray_session):
+    """The session's local Ray, shared by every module that uses it (one start-up, not one per module).
+
+    Started on first use with 4 logical CPUs (Ray Train workers and Ray Data tasks must both find a
+    CPU slot, or a run deadlocks on a 2-core machine) and the test S3 server's endpoint exported to
+    its workers; then kept. Module-scoped only so that it can come back: a module that needs a
+    cluster of its own (Ray Serve, `tests/serve_fixtures.py`) shuts it down, and the next module
+    that asks for `ray_local` starts it again; `init_ray` does nothing while Ray is up.
+    """
+    from llava.ray_runtime import init_ray
+
+    init_ray(num_cpus=4, s3_endpoint=s3_server.endpoint)
 
 
 def png(seed: int, size: int = 40) -> bytes:

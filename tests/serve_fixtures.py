@@ -72,6 +72,9 @@ def chat_server(tiny_checkpoint):
     from serve.app import run_local
     from serve.config import AutoscalingConfig, ImageFetchConfig, LimitsConfig, ReplicaConfig, ServeConfig
 
+    # A Ray of its own, not the session's `ray_local`: the replicas read the API key from the environment,
+    # and Ray workers get the environment their cluster was started with, so it must start after this.
+    ray.shutdown()
     os.environ[KEY_ENV] = API_KEY  # Ray workers started below inherit it
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")  # a busy 2-core machine starts slowly
     init_ray(num_cpus=4, preload_imports=False)
@@ -81,7 +84,7 @@ def chat_server(tiny_checkpoint):
                                       upscale_delay_s=1, downscale_delay_s=5),
         replica=ReplicaConfig(num_cpus=0.5, num_gpus=0),
         limits=LimitsConfig(max_images=2, max_image_bytes=300_000, max_image_pixels=1_000_000, max_tokens=512,
-                            default_max_tokens=16),
+                            default_max_tokens=16, max_request_bytes=2**21, max_messages=16, max_text_chars=20_000),
         image_fetch=ImageFetchConfig(timeout_s=5, allow=["127.0.0.2/32"]),
     )
     url = run_local(config)

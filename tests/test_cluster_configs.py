@@ -199,7 +199,7 @@ def test_rayjob_entrypoint_parses_and_its_config_loads(stage):
     assert args.config, "the entrypoint should name its config file"
     assert config.data.train and all(uri.startswith("s3://") for uri in config.data.train), config.data.train
     assert config.checkpoint.storage_path.startswith("s3://"), "runs must go to storage every node shares"
-    assert config.workers.use_gpu == "true", "an autoscaled cluster has no GPUs yet when the job starts"
+    assert config.workers.use_gpu is True, "an autoscaled cluster has no GPUs yet when the job starts"
 
 
 def test_a_wrong_override_key_in_an_entrypoint_fails():

@@ -16,17 +16,6 @@ from llava.data.schema import Manifest, shard_uris
 from llava.data.sources import BRIEF_PROMPTS, InputError, caption_conversation
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    from llava.ray_runtime import init_ray
-
-    init_ray(num_cpus=4)
-    yield
-    ray.shutdown()
-
-
 def png(color, size=(32, 32)) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", size, color).save(buffer, format="PNG")

@@ -1,23 +1,15 @@
 """The reader feeds Ray Train workers: each worker streams its shard, together they see every row once.
 
-Runs on this 2-core machine without the Train/Data CPU deadlock (PLATFORM.md): the local
-Ray from `init_ray` has more logical CPUs than training workers reserve.
+Runs on a 2-core machine without the Train/Data CPU deadlock (with `ray.init(num_cpus=2)`, two
+1-CPU training workers leave Ray Data no CPU and it waits forever): the session's Ray
+(`ray_local`, started by `init_ray`) has 4 logical CPUs, more than the training workers reserve.
 """
 
 import json
 
 import pytest
 
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    from llava.ray_runtime import init_ray
-
-    init_ray(num_cpus=4)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.slow  # a Ray Train run
 
 
 def _loop(config):

@@ -17,17 +17,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 @pytest.fixture(scope="module")
-def ray_local(s3_server):
-    import ray
-
-    from llava.ray_runtime import init_ray
-
-    init_ray(num_cpus=4, s3_endpoint=s3_server.endpoint)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def checkpoint(tiny_checkpoint):
     return tiny_checkpoint
 

@@ -73,17 +73,6 @@ def test_malformed_responses_are_rejected_whole(kind, response, reason):
     assert error.value.reason == reason
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    from llava.ray_runtime import init_ray
-
-    init_ray(num_cpus=4)
-    yield
-    ray.shutdown()
-
-
 def test_generate_job_against_a_scripted_teacher_retries_drops_and_resumes(ray_local, tmp_path):
     from llava.instruct.generate import GenerateConfig, generate
     from tests.conftest import png

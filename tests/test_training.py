@@ -17,18 +17,7 @@ import pytest
 from llava import storage
 from llava.training.config import load_train_config
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
-
-@pytest.fixture(scope="module")
-def ray_local(s3_server):
-    import ray
-
-    from llava.ray_runtime import init_ray
-
-    init_ray(num_cpus=4, s3_endpoint=s3_server.endpoint)  # workers inherit the S3 endpoint
-    yield
-    ray.shutdown()
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]  # training runs
 
 
 @pytest.fixture(scope="module")

@@ -81,10 +81,11 @@ def build_model(config: TrainConfig) -> tuple[LlavaModel, dict[str, bool]]:
     return model, trainable
 
 
-def use_bf16(setting: str) -> bool:
-    if setting == "auto":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()  # CPU bf16 is ~100x slower here
-    return setting == "true"
+def use_bf16(setting: bool | None) -> bool:
+    """deepspeed.bf16: as set, or (None, auto) where the GPU supports it; CPU bf16 is ~100x slower than fp32."""
+    if setting is None:
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return setting
 
 
 def deepspeed_config(config: TrainConfig, plan: StepPlan) -> dict:

@@ -98,8 +98,9 @@ def train(config: TrainConfig) -> TrainResult:
         log.info("preprocessing the training data once into the object store (data.cache=true)")
         dataset = dataset.materialize()
 
-    use_gpu = config.workers.use_gpu == "true" or (
-        config.workers.use_gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+    use_gpu = config.workers.use_gpu
+    if use_gpu is None:  # auto: GPUs if the cluster has them now
+        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     resources = {"CPU": config.workers.cpus_per_worker, **({"GPU": config.workers.gpus_per_worker} if use_gpu else {})}
     storage_path, filesystem, run_dir = _run_location(config)
     trainer = TorchTrainer(
