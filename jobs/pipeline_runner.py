@@ -24,15 +24,13 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Optional
 
-from omegaconf import OmegaConf
-
 from llava import storage
-from llava.config import config_from_dict, config_to_dict
+from llava.config import config_from_dict, config_to_dict, load_config
 from llava.data.ingest import IngestConfig
 from llava.evaluation.llava_bench import LlavaBenchConfig
 from llava.evaluation.scienceqa import ScienceQAConfig
 from jobs.run_manifest import COMPLETE, RunManifest, StageRecord, code_version, fingerprint, now
-from llava.training.config import PRESETS_DIR, FinetuneConfig, PretrainConfig, preset_names
+from llava.training.config import PRESETS, PRESETS_DIR, FinetuneConfig, PretrainConfig
 from serve.config import ServeConfig
 
 log = logging.getLogger(__name__)
@@ -67,16 +65,6 @@ class PrepareStageConfig:
 
 
 @dataclass
-class Stage1Config(PretrainConfig):
-    preset: Optional[str] = None  # llava/presets/<preset>/pretrain.yaml under these fields
-
-
-@dataclass
-class Stage2Config(FinetuneConfig):
-    preset: Optional[str] = None  # llava/presets/<preset>/finetune.yaml under these fields
-
-
-@dataclass
 class HeldoutConfig:
     """Exact-match accuracy of greedy answers on the prepared eval split (the digits demo's metric)."""
 
@@ -105,8 +93,8 @@ class ServeStageConfig(ServeConfig):
 class PipelineConfig:
     root: str = "runs/pipeline"  # local dir or s3://bucket/prefix: every output and pipeline.json
     prepare: PrepareStageConfig = field(default_factory=PrepareStageConfig)
-    stage1: Stage1Config = field(default_factory=Stage1Config)
-    stage2: Stage2Config = field(default_factory=Stage2Config)
+    stage1: PretrainConfig = field(default_factory=PretrainConfig)  # `preset: NAME` layers presets/NAME/pretrain.yaml
+    stage2: FinetuneConfig = field(default_factory=FinetuneConfig)  # `preset: NAME` layers presets/NAME/finetune.yaml
     eval: EvalStageConfig = field(default_factory=EvalStageConfig)
     export: ExportStageConfig = field(default_factory=ExportStageConfig)
     serve: ServeStageConfig = field(default_factory=ServeStageConfig)
@@ -114,21 +102,8 @@ class PipelineConfig:
 
 def load_pipeline_config(path: str | None = None, overrides: list[str] | None = None) -> PipelineConfig:
     """defaults <- stage presets (stage1.preset / stage2.preset) <- YAML file <- `a.b=value` overrides."""
-    bad = [o for o in overrides or [] if "=" not in o]
-    if bad:
-        raise ValueError(f"overrides must look like key.sub=value, got {bad}")
-    given = [OmegaConf.load(str(path))] if path else []
-    given.append(OmegaConf.from_dotlist(list(overrides or [])))
-    raw = OmegaConf.merge(*given)
-    merged = OmegaConf.structured(PipelineConfig)
-    for stage, job in (("stage1", "pretrain"), ("stage2", "finetune")):
-        preset = OmegaConf.select(raw, f"{stage}.preset")
-        if preset:
-            preset_file = PRESETS_DIR / preset / f"{job}.yaml"
-            if not preset_file.exists():
-                raise ValueError(f"unknown {stage}.preset {preset!r}; choose one of {preset_names()}")
-            merged = OmegaConf.merge(merged, {stage: OmegaConf.load(preset_file)})
-    config: PipelineConfig = OmegaConf.to_object(OmegaConf.merge(merged, *given))
+    config = load_config(PipelineConfig, path, overrides,
+                         presets={"stage1": PRESETS["pretrain"], "stage2": PRESETS["finetune"]})
     for split in SPLITS:
         if getattr(config.prepare, split).kind not in SOURCE_KINDS:
             raise ValueError(f"prepare.{split}.kind must be one of {SOURCE_KINDS}")

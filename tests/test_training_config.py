@@ -1,5 +1,7 @@
 """Training job configs: presets load and type-check, the global batch survives any cluster size."""
 
+import copy
+
 import pytest
 
 from llava.training.config import FinetuneConfig, PretrainConfig, load_train_config, preset_names
@@ -81,10 +83,45 @@ def test_cosine_schedule_warms_up_then_decays_to_zero():
     assert lrs[-1] < 0.001
 
 
-def test_boolean_switches_take_true_and_false_as_typed_on_the_command_line(tmp_path):
+def test_tri_state_switches_are_typed_booleans_with_none_for_auto(tmp_path):
     config = load_train_config("pretrain", overrides=DATA + ["workers.use_gpu=true", "deepspeed.bf16=False"])
-    assert (config.workers.use_gpu, config.deepspeed.bf16) == ("true", "false")
-    (tmp_path / "job.yaml").write_text("workers: {use_gpu: true}\n")
-    assert load_train_config("pretrain", path=str(tmp_path / "job.yaml"), overrides=DATA).workers.use_gpu == "true"
-    with pytest.raises(ValueError, match="workers.use_gpu must be auto, true or false, got 'maybe'"):
+    assert (config.workers.use_gpu, config.deepspeed.bf16) == (True, False)
+    assert load_train_config("pretrain", overrides=DATA).workers.use_gpu is None  # default: auto
+    # "auto" (the earlier spelling, still in YAML files and command lines) and a quoted "true" keep working
+    config = load_train_config("pretrain", overrides=DATA + ["workers.use_gpu=auto", 'deepspeed.bf16="true"'])
+    assert (config.workers.use_gpu, config.deepspeed.bf16) == (None, True)
+    (tmp_path / "job.yaml").write_text("workers: {use_gpu: true}\ndeepspeed: {bf16: auto}\n")
+    config = load_train_config("pretrain", path=str(tmp_path / "job.yaml"), overrides=DATA)
+    assert (config.workers.use_gpu, config.deepspeed.bf16) == (True, None)
+    with pytest.raises(Exception, match="'maybe' is not a valid bool[\\s\\S]*workers.use_gpu"):
         load_train_config("pretrain", overrides=DATA + ["workers.use_gpu=maybe"])
+
+
+def test_the_serving_config_takes_auto_the_same_way():
+    from llava.config import config_from_dict, load_config
+    from serve.config import ServeConfig
+
+    assert load_config(ServeConfig).replica.num_gpus is None  # auto: one GPU when the cluster has GPUs
+    assert load_config(ServeConfig, None, ["replica.num_gpus=auto"]).replica.num_gpus is None
+    assert load_config(ServeConfig, None, ["replica.num_gpus=-1"]).replica.num_gpus is None  # the earlier spelling
+    assert config_from_dict(ServeConfig, {"replica": {"num_gpus": 0}}).replica.num_gpus == 0
+    with pytest.raises(ValueError, match="replica.num_gpus must be >= 0"):
+        load_config(ServeConfig, None, ["replica.num_gpus=-2"])
+
+
+def test_a_loaded_config_is_checked_without_being_changed():
+    config = load_train_config("finetune", preset="v1_5", overrides=DATA)
+    before = copy.deepcopy(config)
+    assert config.validate() is config and config == before  # checks only, however often it runs
+    with pytest.raises(ValueError, match="deepspeed.zero_stage must be 0-3, got 5"):
+        load_train_config("pretrain", overrides=DATA + ["deepspeed.zero_stage=5"])
+    with pytest.raises(ValueError, match="workers.num_workers must be positive"):
+        load_train_config("pretrain", overrides=DATA + ["workers.num_workers=0"])
+
+
+def test_the_preset_can_be_named_in_the_file_and_the_flag_wins(tmp_path):
+    (tmp_path / "job.yaml").write_text("preset: v1_5\noptim: {epochs: 2}\n")
+    config = load_train_config("pretrain", path=str(tmp_path / "job.yaml"), overrides=DATA)
+    assert (config.preset, config.optim.global_batch_size, config.optim.epochs) == ("v1_5", 256, 2)
+    config = load_train_config("pretrain", preset="demo", path=str(tmp_path / "job.yaml"), overrides=DATA)
+    assert config.preset == "demo" and config.workers.use_gpu is False and config.optim.epochs == 2

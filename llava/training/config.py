@@ -1,8 +1,10 @@
 """Typed configuration of the training jobs (`llava-ray pretrain` / `llava-ray finetune`).
 
-One dataclass per job, nested per component. Built from the job's defaults, then a preset
-(`llava/presets/<name>/<job>.yaml`), then a YAML file, then `a.b=value` overrides
-(see `load_train_config`). Recipes: Liu et al. 2023 (v1) and the LLaVA-1.5 scripts (v1_5).
+One dataclass per job, nested per component. Built by llava.config.load_config from the job's
+defaults, then a preset (`preset: NAME` -> `llava/presets/<name>/<job>.yaml`), then a YAML file, then
+`a.b=value` overrides (see `load_train_config`). Recipes: Liu et al. 2023 (v1) and the LLaVA-1.5
+scripts (v1_5). Each section checks its own values when it is built (`__post_init__`), so a config
+object that exists is consistent; `validate` adds what only a run needs (training data).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from llava.config import FreezeConfig, ModelConfig, load_config
+from llava.config import FreezeConfig, ModelConfig, Presets, load_config
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 
@@ -25,6 +27,10 @@ class DataConfig:
     seed: int = 0  # data order is a function of (seed, epoch)
     cache: bool = False  # preprocess once into the object store and reuse every epoch (data sets that fit)
 
+    def __post_init__(self) -> None:
+        if self.micro_batch_size <= 0:
+            raise ValueError(f"data.micro_batch_size must be positive, got {self.micro_batch_size}")
+
 
 @dataclass
 class OptimConfig:
@@ -37,22 +43,36 @@ class OptimConfig:
     max_grad_norm: float = 1.0
     betas: tuple[float, float] = (0.9, 0.999)
 
+    def __post_init__(self) -> None:
+        if self.global_batch_size <= 0:
+            raise ValueError(f"optim.global_batch_size must be positive, got {self.global_batch_size}")
+
 
 @dataclass
 class DeepSpeedConfig:
     zero_stage: int = 2  # 0-3
     offload_optimizer: bool = False  # ZeRO-Offload: optimizer state in CPU memory
     offload_params: bool = False  # ZeRO-3 only: parameters in CPU memory
-    bf16: str = "auto"  # auto (on where the GPU supports it) | true | false
+    bf16: Optional[bool] = None  # None / auto: on where the GPU supports it
     gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"deepspeed.zero_stage must be 0-3, got {self.zero_stage}")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("deepspeed.offload_params needs deepspeed.zero_stage=3")
 
 
 @dataclass
 class WorkersConfig:
     num_workers: int = 2
-    use_gpu: str = "auto"  # auto (if the cluster has GPUs) | true | false
+    use_gpu: Optional[bool] = None  # None / auto: if the cluster has GPUs when the job starts
     cpus_per_worker: float = 1.0  # leave the rest of the cluster's CPUs to Ray Data
     gpus_per_worker: float = 1.0  # used when use_gpu resolves to true
+
+    def __post_init__(self) -> None:
+        if self.num_workers <= 0:
+            raise ValueError(f"workers.num_workers must be positive, got {self.num_workers}")
 
 
 @dataclass
@@ -78,6 +98,7 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
+    preset: Optional[str] = None  # llava/presets/<preset>/<job>.yaml, layered under these fields when loaded
     model: ModelConfig = field(default_factory=ModelConfig)
     init_from: Optional[str] = None  # checkpoint or run dir to start from: ours (e.g. the stage-1 run), llava-hf or official LLaVA
     projector_init: Optional[str] = None  # projector weights to start from, e.g. an official stage-1 mm_projector.bin
@@ -91,23 +112,15 @@ class TrainConfig:
     log_every_steps: int = 10
     audit_dir: Optional[str] = None  # local dir: sample ids of every micro-batch and weight checksums per checkpoint
 
-    def validate(self) -> None:
-        if not self.data.train:
-            raise ValueError("data.train is empty: give at least one dataset URI (data.train=[URI,...])")
-        if self.deepspeed.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"deepspeed.zero_stage must be 0-3, got {self.deepspeed.zero_stage}")
-        if self.deepspeed.offload_params and self.deepspeed.zero_stage != 3:
-            raise ValueError("deepspeed.offload_params needs deepspeed.zero_stage=3")
-        # `key=true` on the command line or a YAML `true` arrives as the string "True": same meaning as "true".
-        self.deepspeed.bf16, self.workers.use_gpu = str(self.deepspeed.bf16).lower(), str(self.workers.use_gpu).lower()
-        if self.deepspeed.bf16 not in ("auto", "true", "false"):
-            raise ValueError(f"deepspeed.bf16 must be auto, true or false, got {self.deepspeed.bf16!r}")
-        if self.workers.use_gpu not in ("auto", "true", "false"):
-            raise ValueError(f"workers.use_gpu must be auto, true or false, got {self.workers.use_gpu!r}")
-        if self.data.micro_batch_size <= 0 or self.optim.global_batch_size <= 0 or self.workers.num_workers <= 0:
-            raise ValueError("data.micro_batch_size, optim.global_batch_size and workers.num_workers must be positive")
+    def __post_init__(self) -> None:
         if self.lora.enabled and self.freeze.llm is False:
             raise ValueError("lora.enabled trains LLM adapters but freeze.llm=false freezes the LLM")
+
+    def validate(self) -> "TrainConfig":
+        """This config, if a run can start from it (it names training data). Checks only, changes nothing."""
+        if not self.data.train:
+            raise ValueError("data.train is empty: give at least one dataset URI (data.train=[URI,...])")
+        return self
 
 
 @dataclass
@@ -126,6 +139,7 @@ class FinetuneConfig(TrainConfig):
 
 
 JOB_CONFIGS = {"pretrain": PretrainConfig, "finetune": FinetuneConfig}
+PRESETS = {job: Presets(PRESETS_DIR, f"{job}.yaml") for job in JOB_CONFIGS}  # a job's preset files
 
 
 def preset_names() -> list[str]:
@@ -134,15 +148,11 @@ def preset_names() -> list[str]:
 
 def load_train_config(job: str, preset: str | None = None, path: str | None = None,
                       overrides: list[str] | None = None) -> TrainConfig:
-    """defaults <- preset <- YAML file <- overrides, type-checked into the job's dataclass."""
-    layers = []
+    """defaults <- preset <- YAML file <- overrides, type-checked into the job's dataclass, ready to train.
+
+    `preset` (the --preset flag) names the preset like `preset: NAME` in the file would, and wins over it.
+    """
+    layers: list = [path] if path else []
     if preset:
-        preset_file = PRESETS_DIR / preset / f"{job}.yaml"
-        if not preset_file.exists():
-            raise ValueError(f"unknown preset {preset!r} for {job}; choose one of {preset_names()}")
-        layers.append(preset_file)
-    if path:
-        layers.append(path)
-    config = load_config(JOB_CONFIGS[job], layers, overrides)
-    config.validate()
-    return config
+        layers.append({"preset": preset})
+    return load_config(JOB_CONFIGS[job], layers, overrides, presets={"": PRESETS[job]}).validate()
