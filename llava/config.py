@@ -67,6 +67,9 @@ class ModelConfig:
     select_feature: str = "patch"  # patch (drop CLS) | cls_patch
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     template: str = "vicuna_v1"
+    # where a user turn's <image> goes: "start" = `<image>\n{text}` as official LLaVA training moves it;
+    # "keep" = where the data wrote it (a turn with several <image> always keeps them; llava/templates.py)
+    image_placement: str = "start"
     max_length: int = 2048
     image: ImageConfig = field(default_factory=ImageConfig)
 
@@ -75,6 +78,8 @@ class ModelConfig:
             raise ValueError(f"model.select_feature must be patch or cls_patch, got {self.select_feature!r}")
         if self.max_length <= 0:
             raise ValueError(f"model.max_length must be positive, got {self.max_length}")
+        if self.image_placement not in ("start", "keep"):
+            raise ValueError(f"model.image_placement must be start or keep, got {self.image_placement!r}")
 
     @property
     def tokenizer_path(self) -> str:

@@ -27,7 +27,7 @@ from torch import nn
 from llava.config import ModelConfig, config_from_dict, config_to_dict
 from llava.projectors import build_projector, num_image_tokens
 from llava.run_format import ADAPTER_DIR, CONFIG_FILE, FORMAT_VERSION, LLM_DIR, PROJECTOR_FILE, VISION_DIR
-from llava.tokenization import image_token_id, prepare_tokenizer
+from llava.tokenization import image_token_id, load_tokenizer, prepare_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +95,11 @@ class LlavaModel(nn.Module):
     @classmethod
     def from_config(cls, config: ModelConfig, dtype: torch.dtype = torch.float32) -> "LlavaModel":
         """Pretrained vision tower + pretrained LLM + a freshly initialised projector."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
+        from transformers import AutoModelForCausalLM, CLIPVisionModel
 
         vision = _from_pretrained(CLIPVisionModel, config.vision_tower, dtype=dtype)
         llm = _from_pretrained(AutoModelForCausalLM, config.llm, dtype=dtype)
-        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(_local(config.tokenizer_path)), config.template)
+        tokenizer = prepare_tokenizer(load_tokenizer(config.tokenizer_path), config.template)
         resize_embeddings_deterministically(llm, len(tokenizer))
         projector = build_projector(config.projector, vision.config.hidden_size, llm.get_input_embeddings().embedding_dim)
         log.info("built LLaVA: vision=%s llm=%s projector=%s", config.vision_tower, config.llm, config.projector.type)
@@ -112,7 +112,7 @@ class LlavaModel(nn.Module):
         `overrides` replace data-side fields of the saved config (template, max_length, image),
         e.g. stage 2 with another conversation template than stage 1.
         """
-        from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
+        from transformers import AutoModelForCausalLM, CLIPVisionModel
 
         path = Path(_local(str(path)))
         config_file = path / CONFIG_FILE
@@ -128,7 +128,7 @@ class LlavaModel(nn.Module):
         tokenizer_path = str(path / LLM_DIR) if (path / LLM_DIR / "tokenizer_config.json").exists() else config.tokenizer_path
         vision = _from_pretrained(CLIPVisionModel, vision_path, dtype=dtype)
         llm = _from_pretrained(AutoModelForCausalLM, llm_path, dtype=dtype)
-        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(_local(tokenizer_path)), config.template)
+        tokenizer = prepare_tokenizer(load_tokenizer(tokenizer_path), config.template)
         resize_embeddings_deterministically(llm, len(tokenizer))
         if (path / ADAPTER_DIR).is_dir():  # LoRA stage 2: merge the adapter into the base LLM
             from peft import PeftModel

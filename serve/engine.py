@@ -43,7 +43,7 @@ class LlavaEngine:
         model = self.model
         try:
             ids, n_images = tokenize_prompt(request.messages, model.tokenizer, model.config.template,
-                                            model.num_image_tokens)
+                                            model.num_image_tokens, image_placement=model.config.image_placement)
         except SampleRejected as exc:
             raise APIError(400, f"messages cannot be rendered with the {model.config.template} template: {exc}",
                            param="messages", code="invalid_value") from exc

@@ -40,7 +40,7 @@ from llava.data.ingest import skip_reason
 from llava.data.schema import shard_uris
 from llava.image_processing import ImageError, load_pixels_uint8, normalise_pixels
 from llava.templates import SampleRejected
-from llava.tokenization import IGNORE_INDEX, prepare_tokenizer, tokenize_conversation
+from llava.tokenization import IGNORE_INDEX, load_tokenizer, prepare_tokenizer, tokenize_conversation
 
 READY_SCHEMA = pa.schema(
     [
@@ -63,9 +63,7 @@ OUTPUT_BLOCK_BYTES = 8 << 20  # a preprocessing task hands its rows on in blocks
 
 @functools.lru_cache(maxsize=4)
 def _tokenizer(path: str, template: str):
-    from transformers import AutoTokenizer
-
-    return prepare_tokenizer(AutoTokenizer.from_pretrained(path), template)
+    return prepare_tokenizer(load_tokenizer(path), template)
 
 
 @functools.lru_cache(maxsize=8)
@@ -102,7 +100,8 @@ def make_model_ready(batch: pa.Table, model_config: dict, num_image_tokens: int,
         images = images or []
         try:
             sample = tokenize_conversation(
-                json.loads(conversations), tokenizer, config.template, num_image_tokens, config.max_length, len(images)
+                json.loads(conversations), tokenizer, config.template, num_image_tokens, config.max_length, len(images),
+                config.image_placement,
             )
             row_pixels = [load_pixels_uint8(data, config.image) for data in images[: sample.num_images]]
         except (SampleRejected, ImageError) as error:
