@@ -403,11 +403,11 @@ def import_checkpoint(path: str | Path, template: str | None = None) -> Imported
 def _assemble(config: ModelConfig, vision_config, llm_config, vision_state: dict, projector_state: dict,
               llm_state: dict, source: str) -> ImportedParts:
     """Build the three components from their configs (no random init) and load each one's weights."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
+    from transformers import AutoModelForCausalLM, CLIPVisionModel
     from transformers.initialization import no_init_weights
 
     from llava.projectors import build_projector
-    from llava.tokenization import prepare_tokenizer
+    from llava.tokenization import load_tokenizer, prepare_tokenizer
 
     with no_init_weights():  # every weight is overwritten below: skip the random init
         vision = CLIPVisionModel(vision_config)
@@ -420,7 +420,7 @@ def _assemble(config: ModelConfig, vision_config, llm_config, vision_state: dict
     load_component(projector, projector_state, f"{config.projector.type} projector", source)
     load_component(llm, llm_state, "language model", source)
     try:
-        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(_local(config.tokenizer_path)), config.template)
+        tokenizer = prepare_tokenizer(load_tokenizer(config.tokenizer_path), config.template)
     except (OSError, ValueError) as error:
         raise CheckpointError(f"{source}: cannot load its tokenizer: {error}") from error
     resize_embeddings_deterministically(llm, len(tokenizer))  # e.g. <image>, which official tokenizers lack
