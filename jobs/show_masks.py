@@ -18,7 +18,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from jobs.output import emit
-
     from llava.templates import SampleRejected
     from llava.tokenization import load_tokenizer, prepare_tokenizer, tokenize_conversation
 
