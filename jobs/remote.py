@@ -3,7 +3,8 @@
 `llava-ray <command> ... --address http://HEAD:8265` (or RAY_ADDRESS=http(s)://...) does not start or
 join Ray here: it submits `llava-ray <the same arguments>` through the Ray Jobs API
 (`JobSubmissionClient.submit_job`) with a runtime environment (the package installed on the
-cluster, or `--working-dir` uploaded; `--pip` requirements; `--env KEY=VALUE`), prints the job id,
+cluster, or `--working-dir` uploaded; `--pip` requirements; `--env KEY=VALUE`, or `--env NAME` to forward
+this shell's value of NAME without writing it on the command line), prints the job id,
 follows the job's logs to stderr until it ends, and exits with its status: 0 if it SUCCEEDED,
 else the job's exit code (1 when it has none). Ctrl-C detaches and leaves the job running.
 
@@ -46,11 +47,20 @@ def is_dashboard_address(address: str | None) -> bool:
 
 
 def env_pair(text: str) -> tuple[str, str]:
-    """argparse type for --env KEY=VALUE."""
+    """argparse type for --env: KEY=VALUE as given, or NAME alone for this process's value of $NAME.
+
+    `--env NAME` keeps a secret (an API key) out of argv and shell history; it still reaches the job's
+    runtime environment, which the Ray dashboard and `ray job` APIs show to whoever can reach them.
+    """
     key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key, value
+    if not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE or NAME, got {text!r}")
+    if sep:
+        return key, value
+    if key not in os.environ:
+        raise argparse.ArgumentTypeError(
+            f"--env {key}: {key} is not set here; export it first or pass --env {key}=VALUE")
+    return key, os.environ[key]
 
 
 def add_submission_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,8 +75,9 @@ def add_submission_arguments(parser: argparse.ArgumentParser) -> None:
                              "installed on the cluster; relative paths in the command resolve inside it")
     remote.add_argument("--pip", action="append", default=[], metavar="REQUIREMENT",
                         help="pip requirement installed into the job's environment (repeatable)")
-    remote.add_argument("--env", action="append", default=[], type=env_pair, metavar="KEY=VALUE",
-                        help="environment variable of the job (repeatable)")
+    remote.add_argument("--env", action="append", default=[], type=env_pair, metavar="KEY=VALUE|NAME",
+                        help="environment variable of the job (repeatable); NAME alone forwards this shell's "
+                             "$NAME without putting its value on the command line (use it for secrets)")
     remote.add_argument("--detach", action="store_true", help="print the job id and return without following it")
 
 

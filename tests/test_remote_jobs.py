@@ -6,6 +6,8 @@ entrypoint still pointing at its GCS port, are killed by pid (never `ray stop`, 
 other people's Ray on this machine). Jobs are submitted through the installed `llava-ray` script,
 three at once to keep the module short: one that succeeds (digits preparation, outputs read back from
 disk), one that fails, and one detached with Ctrl-C and reattached with `llava-ray jobs logs --follow`.
+The same cluster shows that a job given its address joins it (and leaves Ray's authentication settings
+alone), and a job without one starts its own local Ray even when a dead cluster's address file is left.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from tests.serve_fixtures import free_port
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 TEST_ENV = "LLAVA_RAY_REMOTE_TEST"
+SECRET = "s3cr3t-for-the-job"  # forwarded with `--env TEST_ENV`: in the job's environment, never in argv
 
 
 # ---- the submission helper, no cluster ----
@@ -54,8 +57,23 @@ def test_the_submission_flags_parse_into_a_runtime_env():
     assert submission.runtime_env()["env_vars"] == {"HF_HOME": "/data/hf", "X": "a=b", remote.SUBMITTED_ENV: "1"}
     assert submission.runtime_env()["pip"] == ["boto3", "ijson>=3"]
     assert submission.entrypoint() == "llava-ray pretrain --preset demo optim.max_steps=3"
-    with pytest.raises(argparse.ArgumentTypeError):
-        remote.env_pair("NO_EQUALS_SIGN")
+    with pytest.raises(argparse.ArgumentTypeError, match="expected KEY=VALUE or NAME"):
+        remote.env_pair("=value")
+
+
+def test_env_name_alone_forwards_the_submitters_value_without_putting_it_in_argv(monkeypatch, capsys):
+    monkeypatch.setenv("LLAVA_RAY_TEST_KEY", "sk-secret")
+    argv = ["infer", "--model", "m", "--questions", "q", "--out", "o", "--address", "http://head:8265",
+            "--env", "LLAVA_RAY_TEST_KEY", "--env", "PLAIN=1"]
+    submission = remote.Submission.from_args(build_parser().parse_args(argv), argv)
+    assert submission.runtime_env()["env_vars"] == {"LLAVA_RAY_TEST_KEY": "sk-secret", "PLAIN": "1",
+                                                    remote.SUBMITTED_ENV: "1"}
+    assert "sk-secret" not in " ".join(argv) + submission.entrypoint()
+    monkeypatch.delenv("LLAVA_RAY_TEST_KEY")
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(argv)
+    assert exit_info.value.code == 2
+    assert "--env LLAVA_RAY_TEST_KEY: LLAVA_RAY_TEST_KEY is not set here" in capsys.readouterr().err
 
 
 def test_only_a_dashboard_address_outside_a_submitted_job_submits(monkeypatch):
@@ -75,6 +93,46 @@ def test_only_a_dashboard_address_outside_a_submitted_job_submits(monkeypatch):
     assert remote.submission_target(args) is None and args.address is None
 
 
+# ---- starting or joining Ray ----
+
+_INIT_RAY = """
+import json, logging, os, sys
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
+import ray
+from llava.ray_runtime import init_ray
+init_ray(preload_imports=False)
+result = {"auth_mode": os.environ.get("RAY_AUTH_MODE"), "gcs": ray.get_runtime_context().gcs_address,
+          "answer": ray.get(ray.remote(lambda: 6 * 7).remote())}
+ray.shutdown()
+print(json.dumps(result))
+"""
+
+
+def start_or_join_ray(home: Path, **env: str) -> dict:
+    """Run `init_ray()` and one task in a fresh process: no RAY_ADDRESS / RAY_AUTH_MODE / auth token of ours."""
+    environment = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    environment.update(HOME=str(home), **env)  # HOME: no ~/.ray/auth_token from this machine
+    done = subprocess.run([sys.executable, "-c", _INIT_RAY], capture_output=True, text=True, env=environment,
+                          cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "stderr": done.stderr}
+
+
+@pytest.mark.slow  # a Ray of its own
+def test_without_an_address_a_job_starts_its_own_ray_whatever_a_crashed_cluster_left(tmp_path):
+    ray_tmp = Path(tempfile.mkdtemp(prefix="st", dir=os.environ["RAY_TMPDIR"]))  # short: Ray's socket paths
+    try:
+        (ray_tmp / "ray").mkdir()
+        # what a `ray start --head` that crashed leaves: the address of a cluster that is gone
+        (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:1")
+        started = start_or_join_ray(tmp_path, RAY_TMPDIR=str(ray_tmp))
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert started["answer"] == 42 and started["gcs"] != "127.0.0.1:1"
+    assert "started a local Ray" in started["stderr"]
+    assert started["auth_mode"] == "disabled"  # zero-config for the job's own local cluster only
+
+
 # ---- a real cluster ----
 
 def _session_processes(head_pid: int, gcs_port: int):
@@ -89,6 +147,9 @@ def _session_processes(head_pid: int, gcs_port: int):
         except (psutil.Error, ProcessLookupError, PermissionError):
             continue
     return found
+
+
+_GCS: dict[str, str] = {}  # dashboard URL -> GCS address of the module's cluster
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +177,7 @@ def cluster():
              "--num-cpus=4", f"--temp-dir={temp_dir}", "--disable-usage-stats", "--block"],
             stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
+    _GCS[address] = f"127.0.0.1:{gcs}"
     try:
         deadline = time.monotonic() + 180
         while True:
@@ -142,8 +204,8 @@ def cluster():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def llava_ray(*args: str, **kwargs) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+def llava_ray(*args: str, extra_env: dict | None = None, **kwargs) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | (extra_env or {})
     return subprocess.Popen([str(BIN / "llava-ray"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env, **kwargs)
 
@@ -161,7 +223,8 @@ def runs(cluster, tmp_path_factory):
     failing = ["prepare", "llava-json", "--json", "/nonexistent.json", "--images", str(out), "--address", cluster]
     ok = llava_ray("prepare", "digits", "--out", str(out / "digits"), "--address", cluster)
     bad = llava_ray(*failing, "--out", str(out / "bad"))
-    detached = llava_ray(*failing, "--out", str(out / "bad2"), "--working-dir", str(REPO), "--env", f"{TEST_ENV}=yes")
+    detached = llava_ray(*failing, "--out", str(out / "bad2"), "--working-dir", str(REPO), "--env", TEST_ENV,
+                         extra_env={TEST_ENV: SECRET})
     submitted = json.loads(detached.stdout.readline())  # printed once the job is submitted
     time.sleep(1)
     detached.send_signal(signal.SIGINT)
@@ -177,6 +240,7 @@ def jobs(*args: str, capsys) -> tuple[int, dict]:
     return code, json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # a Ray of its own
 def test_a_submitted_job_runs_on_the_cluster_and_its_result_comes_back(cluster, runs, capsys):
     ok = runs["ok"]
     assert ok["code"] == 0, ok["stderr"][-3000:]
@@ -195,6 +259,7 @@ def test_a_submitted_job_runs_on_the_cluster_and_its_result_comes_back(cluster, 
     assert jobs("status", job_id, "--address", cluster, capsys=capsys)[1]["status"] == "SUCCEEDED"
 
 
+@pytest.mark.slow  # a Ray of its own
 def test_a_failing_job_gives_its_exit_code_and_status(cluster, runs, capsys):
     bad = runs["bad"]
     job_id = bad["lines"][0]["job_id"]
@@ -206,6 +271,7 @@ def test_a_failing_job_gives_its_exit_code_and_status(cluster, runs, capsys):
     assert code == 0 and status["status"] == "FAILED" and "exit code 1" in status["message"]
 
 
+@pytest.mark.slow  # a Ray of its own
 def test_ctrl_c_detaches_and_jobs_logs_follow_reattaches(cluster, runs, capsys):
     from ray.job_submission import JobSubmissionClient
 
@@ -224,10 +290,12 @@ def test_ctrl_c_detaches_and_jobs_logs_follow_reattaches(cluster, runs, capsys):
     info = JobSubmissionClient(cluster).get_job_info(job_id)  # the runtime env reached the cluster
     assert info.entrypoint.startswith("python -m jobs.cli prepare llava-json")
     assert info.runtime_env["working_dir"].startswith("gcs://")
-    assert info.runtime_env["env_vars"] == {TEST_ENV: "yes", remote.SUBMITTED_ENV: "1"}
+    assert info.runtime_env["env_vars"] == {TEST_ENV: SECRET, remote.SUBMITTED_ENV: "1"}  # `--env TEST_ENV`
+    assert SECRET not in info.entrypoint
     assert "working_dir_files" in reattached["stderr"]  # the traceback runs through the uploaded tree
 
 
+@pytest.mark.slow  # a Ray of its own
 def test_jobs_list_logs_and_stop(cluster, runs, capsys):
     ids = {name: runs[name]["lines"][0]["job_id"] for name in ("ok", "bad", "detached")}
     code, listing = jobs("list", "--address", cluster, capsys=capsys)
@@ -249,3 +317,12 @@ def test_jobs_list_logs_and_stop(cluster, runs, capsys):
     while jobs("status", submitted["job_id"], "--address", cluster, capsys=capsys)[1]["status"] != "STOPPED":
         assert time.monotonic() < deadline, "the job did not stop"
         time.sleep(1)
+
+
+@pytest.mark.slow  # a Ray of its own
+def test_with_an_address_a_job_joins_the_cluster_says_so_and_leaves_ray_auth_alone(cluster, tmp_path):
+    gcs = _GCS[cluster]
+    joined = start_or_join_ray(tmp_path, RAY_ADDRESS=gcs)
+    assert joined["answer"] == 42 and joined["gcs"].endswith(":" + gcs.rpartition(":")[2])  # Ray names it by the node's IP
+    assert f"joining the Ray cluster at {gcs} (RAY_ADDRESS)" in joined["stderr"]
+    assert joined["auth_mode"] is None  # not forced to disabled: Ray's token auth applies when the cluster uses it
