@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 SUBMITTED_ENV = "LLAVA_RAY_SUBMITTED"  # set in every submitted job's environment
 RESULT_PREFIX = "llava-ray-result: "  # marks `emit`'s lines in a submitted job's logs

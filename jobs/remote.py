@@ -109,7 +109,7 @@ class Submission:
     env: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, argv: list[str]) -> "Submission":
+    def from_args(cls, args: argparse.Namespace, argv: list[str]) -> Submission:
         return cls(tuple(argv), getattr(args, "working_dir", None), tuple(getattr(args, "pip", None) or ()),
                    dict(getattr(args, "env", None) or ()))
 

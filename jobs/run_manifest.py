@@ -19,10 +19,11 @@ import json
 import logging
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from llava import storage
 
@@ -102,7 +103,7 @@ class RunManifest:
         self.stages: dict[str, StageRecord] = stages or {}
 
     @classmethod
-    def load(cls, root: str) -> "RunManifest":
+    def load(cls, root: str) -> RunManifest:
         uri = storage.join(root, MANIFEST_FILE)
         if not storage.exists(uri):
             return cls(root)

@@ -60,7 +60,7 @@ class RunOutput:
         return uri
 
     @classmethod
-    def read(cls, run_dir: str) -> "RunOutput":
+    def read(cls, run_dir: str) -> RunOutput:
         data = json.loads(storage.read_text(storage.join(run_dir, RUN_OUTPUT_FILE)))
         return cls(**{k: data[k] for k in ("model", "checkpoint", "steps", "skipped_rows", "config") if k in data})
 

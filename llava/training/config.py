@@ -116,7 +116,7 @@ class TrainConfig:
         if self.lora.enabled and self.freeze.llm is False:
             raise ValueError("lora.enabled trains LLM adapters but freeze.llm=false freezes the LLM")
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         """This config, if a run can start from it (it names training data). Checks only, changes nothing."""
         if not self.data.train:
             raise ValueError("data.train is empty: give at least one dataset URI (data.train=[URI,...])")

@@ -16,8 +16,8 @@ import torch
 
 from llava.freeze import apply_freeze, count_trainable, parameter_groups
 from llava.model import LlavaModel
-from llava.run_format import resolve_model_uri
 from llava.model_loading import load_checkpoint, load_projector
+from llava.run_format import resolve_model_uri
 from llava.training.config import TrainConfig
 from llava.training.lora import apply_lora
 
@@ -41,7 +41,7 @@ class StepPlan:
         return self.world_size * self.micro_batch_size * self.accumulation
 
     @classmethod
-    def build(cls, config: TrainConfig, rows: int, world_size: int) -> "StepPlan":
+    def build(cls, config: TrainConfig, rows: int, world_size: int) -> StepPlan:
         micro = config.data.micro_batch_size
         accumulation = max(1, round(config.optim.global_batch_size / (micro * world_size)))
         if accumulation * micro * world_size != config.optim.global_batch_size:
