@@ -15,6 +15,7 @@ stripped.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Optional
@@ -24,6 +25,8 @@ import torch
 from llava.generation import EncodedPrompt, left_padded_batch
 from llava.templates import get_template
 from llava.tokenization import stop_token_ids
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,8 +52,9 @@ class RowState:
 @dataclass
 class StepOutput:
     delta: str  # text new since the last step ("" when it is held back)
-    finish_reason: Optional[str]  # set on the row's last step
+    finish_reason: Optional[str]  # set on the row's last step; "error" when the row failed (see `error`)
     completion_tokens: int
+    error: Optional[str] = None  # why the row failed (its request fails; the batch's other rows go on)
 
 
 def _held_back(text: str, stops: tuple[str, ...]) -> int:
@@ -58,8 +62,27 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
     or a possible stop-string start."""
     if text.endswith("\ufffd"):
         return 1
-    stop_start = max((k for stop in stops for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
+    stop_start = max((_stop_prefix_at_end(text, stop) for stop in stops), default=0)
     return max(stop_start, len(text) - len(text.rstrip()))
+
+
+def _stop_prefix_at_end(text: str, stop: str) -> int:
+    """The longest k < len(stop) with text.endswith(stop[:k]), in O(len(stop)) (Knuth-Morris-Pratt over the
+    last len(stop) - 1 characters), so the cost per token grows linearly with the stop string's length."""
+    if len(stop) < 2:
+        return 0
+    fail = [0] * len(stop)  # fail[i]: the longest proper prefix of stop[:i + 1] that is also its suffix
+    for i in range(1, len(stop)):
+        k = fail[i - 1]
+        while k and stop[i] != stop[k]:
+            k = fail[k - 1]
+        fail[i] = k + (stop[i] == stop[k])
+    matched = 0
+    for char in text[-(len(stop) - 1):]:
+        while matched and (matched == len(stop) or char != stop[matched]):
+            matched = fail[matched - 1]
+        matched += char == stop[matched]
+    return matched if matched < len(stop) else fail[-1]
 
 
 def _sample(logits: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator]) -> int:
@@ -130,8 +153,13 @@ class BatchDecoder:
                     outputs.append(None)
                     next_tokens.append(self.model.tokenizer.pad_token_id)
                     continue
-                token = greedy[i] if row.params.temperature <= 0 else _sample(logits[i], row.params, row.generator)
-                outputs.append(self._advance(row, token))
+                try:
+                    token = greedy[i] if row.params.temperature <= 0 else _sample(logits[i], row.params, row.generator)
+                    outputs.append(self._advance(row, token))
+                except Exception as exc:  # one row's failure ends that row only; the others keep decoding
+                    log.exception("decoding row %d failed", i)
+                    token, row.finish_reason = self.model.tokenizer.pad_token_id, "error"
+                    outputs.append(StepOutput("", "error", len(row.tokens), error=f"{type(exc).__name__}: {exc}"))
                 next_tokens.append(token)
             yield outputs
             if all(row.finish_reason for row in self.rows):

@@ -79,10 +79,13 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         return image
     if image.mode.startswith("I") or image.mode == "F":
         # PIL's own I/I;16 -> L conversion clips at 255 (a 16-bit image turns white), so scale instead.
-        grey = np.asarray(image, dtype=np.float64)
+        # float32 in place (4 bytes a pixel, one array): exact for 16-bit values, and a large image costs no
+        # float64 copies. Scaling, rounding and clipping give the same uint8 values as float64 would.
+        grey = np.array(image, dtype=np.float32)
         if image.mode.startswith("I;16") or grey.max(initial=0) > 255:
-            grey = grey / 257.0
-        image = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L")
+            grey /= np.float32(257)
+        np.clip(np.rint(grey, out=grey), 0, 255, out=grey)
+        image = Image.fromarray(grey.astype(np.uint8), "L")
     if image.mode in ("RGBA", "LA", "PA", "RGBa") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -1,49 +1,49 @@
 """The Ray Serve application: an OpenAI-compatible chat API with images, and a web chat page at `/`.
 
 One autoscaled deployment (`LlavaChat`) is both the HTTP ingress (FastAPI) and the model
-replica. Requests are validated and prepared on their own (serve.protocol, serve.images,
-serve.engine.prepare), then share forward passes through Serve's dynamic batching
-(`@serve.batch`, streamed step by step; a second batch may start while a long one decodes).
+replica. Requests pass the ingress checks (serve.ingress: API key, body limits, JSON off the
+event loop, image downloads on their own pool under one deadline), are validated and prepared
+on their own (serve.protocol, serve.images, serve.engine.prepare on a small decode pool), then
+share forward passes through Serve's dynamic batching (`@serve.batch`, streamed step by step; a
+second batch may start while a long one decodes). A row that fails inside the decode loop fails
+only its own request.
 
     serve run serve/config.yaml          # the Serve config file; `args` are ServeConfig fields
     llava-ray serve --model URI          # the same app on a local Ray
 """
 
 import asyncio
-import hmac
+import concurrent.futures
+import ipaddress
 import logging
 import os
+import signal
+import threading
 import time
+from collections.abc import AsyncGenerator
 from importlib import resources
-from typing import AsyncGenerator
 
-from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi import Request
+from fastapi.responses import HTMLResponse, StreamingResponse
 from ray import serve
 
 from llava.config import config_from_dict, config_to_dict
 from serve.config import ServeConfig
 from serve.engine import LlavaEngine, PreparedRequest
-from serve.images import load_image_bytes
-from serve.protocol import APIError, ChatRequest, chunk_body, completion_body, parse_chat_request, parse_json, sse, usage
+from serve.ingress import Gate, make_api, page_csp
+from serve.protocol import APIError, ChatRequest, chunk_body, completion_body, parse_chat_request, sse, usage
 
 log = logging.getLogger("ray.serve")
 
 MAX_CONCURRENT_BATCHES = 2  # a batch of short requests may start while a long batch is still decoding
 
-app = FastAPI(title="llava-ray", docs_url=None, redoc_url=None)
+app = make_api("llava-ray")
 
 
-@app.exception_handler(APIError)
-async def _api_error(request: Request, error: APIError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status)
-
-
-@app.exception_handler(Exception)
-async def _server_error(request: Request, error: Exception) -> JSONResponse:
-    log.exception("request %s %s failed", request.method, request.url.path)
-    return JSONResponse(APIError(500, f"internal error: {type(error).__name__}", type="server_error").body(),
-                        status_code=500)
+def _row_failed(error: str) -> APIError:
+    """A request whose row failed inside the decode loop (the batch's other requests are unaffected)."""
+    log.error("a request failed while decoding: %s", error)
+    return APIError(500, "internal error while generating the answer", type="server_error")
 
 
 @serve.deployment(name="LlavaChat")
@@ -51,23 +51,21 @@ async def _server_error(request: Request, error: Exception) -> JSONResponse:
 class LlavaChat:
     def __init__(self, config: dict):
         self.config = config_from_dict(ServeConfig, config)
+        self.gate = Gate(self.config)
         self.engine = LlavaEngine(self.config.model, self.config.limits)
-        self.api_key = os.environ.get(self.config.api_key_env) or None
+        # tokenising and image decoding, a few at once: bounds the replica's decoding memory (serve/README.md)
+        self._prepare_pool = concurrent.futures.ThreadPoolExecutor(self.config.limits.decode_workers,
+                                                                   thread_name_prefix="prepare")
         self.created = int(time.time())
         self._batch.set_max_batch_size(self.config.batching.max_batch_size)
         self._batch.set_batch_wait_timeout_s(self.config.batching.batch_wait_timeout_s)
         log.info("serving %s as %r (context %d tokens, api key %s)", self.config.model, self.config.model_name,
-                 self.engine.context, "required" if self.api_key else "not required")
+                 self.engine.context, "required" if self.gate.api_key else "not required")
+        if self.gate.api_key is None:
+            log.warning("no API key (%s is not set): anyone who can reach this endpoint can use it",
+                        self.config.api_key_env)
 
     # ---- plumbing ------------------------------------------------------------------------------------------------
-    def _authorize(self, request: Request) -> None:
-        if self.api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
-            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                           code="invalid_api_key", type="authentication_error")
-
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02, max_concurrent_batches=MAX_CONCURRENT_BATCHES)
     async def _batch(self, batch: list[PreparedRequest]) -> AsyncGenerator[list, None]:
         """Decode the batch step by step; a request whose answer is complete gets StopIteration."""
@@ -76,27 +74,30 @@ class LlavaChat:
             yield [StopIteration if out is None else out for out in outputs]
 
     async def _prepare(self, request: Request) -> tuple[ChatRequest, PreparedRequest]:
-        self._authorize(request)
-        limits = self.config.limits
-        chat = parse_chat_request(parse_json(await request.body(), limits), self.config.model_name, limits)
-        images = await asyncio.gather(*[
-            asyncio.to_thread(load_image_bytes, url, self.config.image_fetch, limits.max_image_bytes)
-            for url in chat.image_urls])
-        return chat, await asyncio.to_thread(self.engine.prepare, chat, list(images))
+        self.gate.authorize(request)
+        data = await self.gate.read_json(request)
+        chat = await self.gate.run(parse_chat_request, data, self.config.model_name, self.config.limits)
+        images = await self.gate.images(chat.image_urls)
+        prepared = await self.gate.run(self.engine.prepare, chat, images, pool=self._prepare_pool)
+        return chat, prepared
 
     async def _stream(self, chat: ChatRequest, prepared: PreparedRequest) -> AsyncGenerator[str, None]:
         yield sse(chunk_body(chat, {"role": "assistant", "content": ""}))
         completion_tokens = 0
         try:
             async for out in self._batch(prepared):
+                if out.finish_reason == "error":
+                    raise _row_failed(out.error)
                 completion_tokens = out.completion_tokens
                 if out.delta or out.finish_reason:
                     yield sse(chunk_body(chat, {"content": out.delta} if out.delta else {}, out.finish_reason))
             if chat.include_usage:
                 yield sse(chunk_body(chat, {}, usage_counts=usage(prepared.prompt_tokens, completion_tokens)))
         except Exception as exc:  # the status line is sent already: report in the stream
-            log.exception("streaming %s failed", chat.id)
-            yield sse(APIError(500, f"internal error: {type(exc).__name__}", type="server_error").body())
+            if not isinstance(exc, APIError):
+                log.exception("streaming %s failed", chat.id)
+                exc = APIError(500, f"internal error: {type(exc).__name__}", type="server_error")
+            yield sse(exc.body())
         yield sse("[DONE]")
 
     # ---- endpoints --------------------------------------------------------------------------------------------------
@@ -106,7 +107,7 @@ class LlavaChat:
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> dict:
-        self._authorize(request)
+        self.gate.authorize(request)
         return {"object": "list", "data": [{"id": self.config.model_name, "object": "model", "created": self.created,
                                             "owned_by": "llava-ray"}]}
 
@@ -117,14 +118,17 @@ class LlavaChat:
             return StreamingResponse(self._stream(chat, prepared), media_type="text/event-stream")
         text, finish_reason, completion_tokens = "", "stop", 0
         async for out in self._batch(prepared):
+            if out.finish_reason == "error":
+                raise _row_failed(out.error)
             text += out.delta
             finish_reason, completion_tokens = out.finish_reason or finish_reason, out.completion_tokens
         return completion_body(chat, text, finish_reason, prepared.prompt_tokens, completion_tokens)
 
     @app.get("/", response_class=HTMLResponse)
-    async def chat_page(self) -> str:
+    async def chat_page(self) -> HTMLResponse:
         """The web chat page (static; it sends the API key the user types, if the server needs one)."""
-        return resources.files("serve").joinpath("static/chat.html").read_text()
+        html = resources.files("serve").joinpath("static/chat.html").read_text()
+        return HTMLResponse(html, headers={"Content-Security-Policy": page_csp(html)})
 
 
 def _replica_gpus(config: ServeConfig) -> float:
@@ -145,11 +149,18 @@ def build(config: ServeConfig) -> serve.Application:
         return build_vllm_app(config)
     if config.engine != "llava":
         raise ValueError(f"engine must be llava or vllm, got {config.engine!r}")
-    return LlavaChat.options(
-        autoscaling_config=config_to_dict(config.autoscaling),
-        max_ongoing_requests=config.replica.max_ongoing_requests,
-        ray_actor_options={"num_cpus": config.replica.num_cpus, "num_gpus": _replica_gpus(config)},
-    ).bind(config_to_dict(config))
+    return LlavaChat.options(**deployment_options(config)).bind(config_to_dict(config))
+
+
+def deployment_options(config: ServeConfig) -> dict:
+    """The `LlavaChat.options(...)` for `config`: autoscaling, queue limit, drain time, resources."""
+    return {
+        "autoscaling_config": config_to_dict(config.autoscaling),
+        "max_ongoing_requests": config.replica.max_ongoing_requests,
+        "graceful_shutdown_timeout_s": config.drain_timeout_s,  # in-flight requests finish when the app is deleted
+        "graceful_shutdown_wait_loop_s": 0.5,
+        "ray_actor_options": {"num_cpus": config.replica.num_cpus, "num_gpus": _replica_gpus(config)},
+    }
 
 
 def build_app(args: dict) -> serve.Application:
@@ -157,8 +168,27 @@ def build_app(args: dict) -> serve.Application:
     return build(config_from_dict(ServeConfig, args))
 
 
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may be reachable from anywhere
+
+
+def check_exposure(config: ServeConfig) -> None:
+    """Refuse to serve on a non-loopback address without an API key, unless `allow_unauthenticated` says so."""
+    if _loopback(config.host) or os.environ.get(config.api_key_env) or config.allow_unauthenticated:
+        return
+    raise ValueError(f"refusing to serve on {config.host} without an API key: anyone who can reach it could use the "
+                     f"model. Set {config.api_key_env} to a secret, serve on 127.0.0.1, or pass "
+                     "--allow-unauthenticated (allow_unauthenticated: true) to accept that")
+
+
 def run_local(config: ServeConfig, name: str = "llava") -> str:
     """Deploy on the connected Ray (HTTP on config.host:config.port) and return the base URL."""
+    check_exposure(config)
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(build(config), name=name, route_prefix="/", blocking=False)
     url = f"http://{config.host}:{config.port}"
@@ -166,11 +196,27 @@ def run_local(config: ServeConfig, name: str = "llava") -> str:
     return url
 
 
-def wait_until_interrupted() -> None:
-    """Keep the driver (and so a local Ray and its Serve app) alive until Ctrl-C."""
+def wait_until_interrupted(name: str = "llava") -> None:
+    """Keep the driver (and so a local Ray and its Serve app) alive until Ctrl-C or SIGTERM, then drain.
+
+    Draining: the app is deleted, so Serve routes no new request to it while its replicas finish the
+    requests in flight (up to `drain_timeout_s`, the deployment's graceful shutdown timeout); then
+    Serve shuts down. SIGTERM is what Kubernetes and systemd send (with systemd, use KillMode=mixed so
+    that only this process gets it and Ray's own processes live until the drain is done).
+    """
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     try:
-        while True:
-            time.sleep(1)
+        while not stop.wait(1):
+            pass
     except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM during the drain changes nothing
+    log.info("draining: no new requests; waiting for the ones in flight")
+    try:
+        serve.delete(name)
+    finally:
         log.info("shutting down Serve")
         serve.shutdown()
+        signal.signal(signal.SIGTERM, previous)

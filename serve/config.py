@@ -40,16 +40,20 @@ class BatchingConfig:  # Ray Serve's @serve.batch: concurrent requests share for
 class LimitsConfig:
     max_images: int = 4  # images per request
     max_image_bytes: int = 10 * 2**20  # encoded bytes per image (data URL or download)
-    max_image_pixels: int = 40_000_000  # width x height, read from the header before decoding
+    max_image_pixels: int = 4096 * 4096  # width x height, read from the header before decoding
     max_tokens: int = 1024  # the largest max_tokens a request may ask for
     default_max_tokens: int = 256  # when the request gives none
-    max_request_bytes: int = 64 * 2**20  # the whole JSON body
+    max_request_bytes: int = 32 * 2**20  # the whole JSON body (refused on Content-Length, capped while reading)
+    max_messages: int = 64  # messages per request
+    max_text_chars: int = 100_000  # characters of text over all messages, counted before tokenising
+    decode_workers: int = 2  # images decoded at once per replica (bounds decoding memory, see serve/README.md)
 
 
 @dataclass
 class ImageFetchConfig:  # http(s) image URLs
     enabled: bool = True
-    timeout_s: float = 10
+    timeout_s: float = 10  # one deadline per fetch: DNS, connect, headers and body together
+    max_concurrent: int = 8  # downloads at once per replica (their own threads); queued ones share the deadline
     max_redirects: int = 3
     # Hosts or networks (CIDR) that may be fetched even though they are loopback, private or
     # link-local, e.g. ["127.0.0.1/32", "images.internal"]. Everything else of that kind is refused (SSRF).
@@ -64,6 +68,9 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key_env: str = "LLAVA_RAY_API_KEY"  # when this env var is set, every endpoint but /health needs the bearer key
+    # `llava-ray serve` on a non-loopback host refuses to start without an API key unless this is true
+    allow_unauthenticated: bool = False
+    drain_timeout_s: float = 30  # on SIGTERM: in-flight requests get this long to finish
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
     replica: ReplicaConfig = field(default_factory=ReplicaConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
