@@ -24,12 +24,12 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Optional
 
+from jobs.run_manifest import COMPLETE, RunManifest, StageRecord, code_version, fingerprint, now
 from llava import storage
 from llava.config import config_from_dict, config_to_dict, load_config
 from llava.data.ingest import IngestConfig
 from llava.evaluation.llava_bench import LlavaBenchConfig
 from llava.evaluation.scienceqa import ScienceQAConfig
-from jobs.run_manifest import COMPLETE, RunManifest, StageRecord, code_version, fingerprint, now
 from llava.training.config import PRESETS, PRESETS_DIR, FinetuneConfig, PretrainConfig
 from serve.config import ServeConfig
 
@@ -247,7 +247,7 @@ class Pipeline:
         c, prep, stage2 = self.config.eval, self.records["prepare"], self.records["stage2"]
         model, heldout_data = stage2.outputs["model"], prep.outputs["data"].get("eval")
         benchmarks = {}
-        for name, cls in (("scienceqa", ScienceQAConfig), ("llava_bench", LlavaBenchConfig)):
+        for name in ("scienceqa", "llava_bench"):
             bench = getattr(c, name)
             if bench is not None:
                 bench.infer.model = bench.infer.model or model

@@ -101,7 +101,7 @@ def test_pipeline_config_layers_presets_file_and_overrides(tmp_path):
         load_pipeline_config(None, ["stage1.preset=nope"])
     with pytest.raises(ValueError, match="prepare.eval.kind"):
         load_pipeline_config(DEMO_CONFIG, ["prepare.eval.kind=csv"])
-    with pytest.raises(Exception):  # a typo in a key is an error
+    with pytest.raises(Exception, match="lrr"):  # a typo in a key is an error, naming it  # noqa: B017
         load_pipeline_config(DEMO_CONFIG, ["stage1.optim.lrr=1"])
 
 
