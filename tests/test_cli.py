@@ -77,6 +77,7 @@ def test_unknown_subcommand_fails_cleanly():
     assert error.value.code == 2
 
 
+@pytest.mark.slow  # the whole demo: prepare, two training runs, eval, export
 def test_demo_runs_both_stages_and_prints_its_summary(tmp_path):
     """The README's main job, shortened to a few steps per stage (the full run is documented in the README)."""
     result = llava_ray("demo", "--out", str(tmp_path / "demo"), "optim.max_steps=3")
@@ -99,6 +100,7 @@ def test_demo_runs_both_stages_and_prints_its_summary(tmp_path):
     assert again.stderr.count(": skipped, complete since") == 5 and "local Ray" not in again.stderr
 
 
+@pytest.mark.slow  # a Ray + Ray Serve of its own
 def test_serve_runs_the_serve_config_file_until_interrupted(tiny_checkpoint, tmp_path):
     """`llava-ray serve --config serve/config.yaml` (its app args, with overrides) answers, then stops on Ctrl-C."""
     import os
