@@ -38,7 +38,8 @@ from torch import nn
 from llava import storage
 from llava.config import CLIP_MEAN, CLIP_STD, ImageConfig, ModelConfig, ProjectorConfig, config_from_dict
 from llava.export_hf import EXPORT_META_FILE
-from llava.model import CONFIG_FILE, resize_embeddings_deterministically
+from llava.model import resize_embeddings_deterministically
+from llava.run_format import CONFIG_FILE
 
 log = logging.getLogger(__name__)
 

@@ -12,6 +12,7 @@ local or s3://. `load_model` adds the device and eval mode for answering.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from llava import storage
 from llava.checkpoint_import import (LLAVA_RAY, CheckpointError, describe, detect_layout, import_checkpoint,
                                      load_component, read_projector_weights)
 from llava.config import ModelConfig, config_from_dict
+from llava.run_format import CONFIG_FILE, LLM_DIR, VISION_DIR
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +76,7 @@ def load_checkpoint(uri: str, dtype: torch.dtype = torch.float32, **overrides):
 
 def checkpoint_model_config(uri: str, **overrides) -> tuple[ModelConfig, int]:
     """(the model config of the checkpoint at `uri`, image tokens per image), without reading weights."""
-    import json
-
-    from llava.model import CONFIG_FILE, image_tokens_per_image
+    from llava.model import image_tokens_per_image
 
     overrides = _check_overrides(overrides)
     uri = _resolve(uri)
@@ -87,6 +87,49 @@ def checkpoint_model_config(uri: str, **overrides) -> tuple[ModelConfig, int]:
     config, vision_config = describe(uri, template=overrides.pop("template", None))
     config = dataclasses.replace(config, **overrides)
     return config, image_tokens_per_image(config, vision_config)
+
+
+IMPORTED_DIR = "imported"  # in a training run dir: the llava-hf / official checkpoint `init_from` named, converted
+IMPORT_SOURCE_FILE = "imported_from.json"  # written last into a converted checkpoint: what it was converted from
+
+
+def _source_dtype(uri: str) -> torch.dtype:
+    """The dtype a foreign checkpoint's weights are stored in (config.json `torch_dtype`), so a conversion is exact."""
+    config = json.loads(storage.read_text(storage.join(uri, "config.json")))
+    name = config.get("torch_dtype") or config.get("dtype") or config.get("text_config", {}).get("dtype") or "float32"
+    dtype = getattr(torch, str(name), None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+def import_for_training(uri: str, out: str, template: str | None = None) -> str:
+    """The checkpoint training starts from (`init_from`) as a llava-ray checkpoint the workers can load.
+
+    A llava-ray checkpoint or run dir is returned as is. A llava-hf or official checkpoint is converted
+    once into a llava-ray checkpoint at `out` (local or s3://) with every component saved as a plain HF
+    directory (`llm/`, `vision/`), which the run's own checkpoints then name as their base; `out` is returned.
+    A conversion already at `out` from the same source is reused.
+    """
+    import tempfile
+
+    uri = _resolve(uri)
+    if detect_layout(uri) == LLAVA_RAY:
+        return uri
+    marker = storage.join(out, IMPORT_SOURCE_FILE)
+    if storage.exists(marker) and json.loads(storage.read_text(marker)).get("source") == uri:
+        log.info("reusing %s, converted earlier from %s", out, uri)
+        return out
+    model = load_checkpoint(uri, _source_dtype(uri), template=template)
+    config = model.config
+    config.vision_tower, config.llm, config.tokenizer = (storage.join(out, VISION_DIR), storage.join(out, LLM_DIR),
+                                                         storage.join(out, LLM_DIR))
+    with tempfile.TemporaryDirectory() as tmp:
+        local = out if not storage.is_s3(out) else tmp
+        model.save_pretrained(local, llm=True, vision=True)
+        if storage.is_s3(out):
+            storage.upload_dir(tmp, out)
+    storage.write_text(marker, json.dumps({"source": uri}))
+    log.info("converted %s into the llava-ray checkpoint %s", uri, out)
+    return out
 
 
 def load_projector(model, uri: str) -> None:
@@ -105,5 +148,5 @@ def load_model(uri: str, device: str | None = None, dtype: torch.dtype | None = 
     return model.to(device).eval()
 
 
-__all__ = ["CheckpointError", "checkpoint_model_config", "inference_device", "load_checkpoint", "load_model",
-           "load_projector"]
+__all__ = ["CheckpointError", "checkpoint_model_config", "inference_device", "import_for_training", "load_checkpoint",
+           "load_model", "load_projector"]

@@ -239,6 +239,26 @@ def test_stage2_init_from_an_official_checkpoint(sources, base_models, tmp_path)
     assert tokens == 16 and data_config.tokenizer_path == str(path) and data_config.max_length == 256  # the job's
 
 
+def test_training_converts_a_foreign_init_from_once_into_a_llava_ray_checkpoint(sources, base_models, tmp_path):
+    """Workers and the run's own checkpoints need plain HF base components: `init_from` an official dir is
+    converted (exactly, in its stored dtype) into the run dir; a second run reuses the conversion."""
+    from llava.model import LlavaModel
+    from llava.model_loading import import_for_training
+    from llava.run_format import LLM_DIR
+
+    source = sources["mlp2x_gelu"]
+    official = write_official(source, tmp_path / "official", base_models)
+    ours = str(source.save_pretrained(tmp_path / "ours"))
+    assert import_for_training(ours, str(tmp_path / "unused")) == ours and not (tmp_path / "unused").exists()
+    out = import_for_training(str(official), str(tmp_path / "run" / "imported"), template="llava_v1")
+    converted = LlavaModel.from_pretrained(out)
+    assert torch.equal(logits(converted.eval()), logits(source))
+    assert converted.config.llm == str(tmp_path / "run" / "imported" / LLM_DIR) and converted.config.template == "llava_v1"
+    stamp = (Path(out) / LLM_DIR / "model.safetensors").stat().st_mtime_ns
+    assert import_for_training(str(official), out) == out
+    assert (Path(out) / LLM_DIR / "model.safetensors").stat().st_mtime_ns == stamp  # not written again
+
+
 def test_stage2_projector_from_an_official_mm_projector_bin(sources, base_models, tmp_path):
     """Stage 1 official output -> our stage 2 from the base models: the same model as the stage-1 source."""
     from llava.training.engine import build_model
@@ -348,3 +368,65 @@ def test_bad_checkpoints_are_refused_naming_the_file_and_the_problem(sources, ba
     (unknown / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
     with pytest.raises(CheckpointError, match=r"neither an official LLaVA checkpoint .*model_type 'bert'"):
         load_checkpoint(str(unknown))
+
+
+# ---- the common journey -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_llava_hf_model_lora_finetune_export_serve_answer_through_openai(sources, base_models, tmp_path):
+    """A released-style llava-hf model -> LoRA stage 2 on our parquet (Ray Train) -> HF export -> Ray Serve ->
+    an answer through the `openai` client, equal to greedy decoding of the export in this process."""
+    import base64
+
+    import openai
+    import ray
+    from ray import serve
+
+    from llava.data.prepare import prepare_digits
+    from llava.decoding import greedy_decode
+    from llava.export_hf import export_hf
+    from llava.generation import Prompt, encode_prompt
+    from llava.model_loading import load_checkpoint, load_model
+    from llava.ray_runtime import init_ray
+    from llava.run_format import ADAPTER_DIR
+    from llava.training.trainer import train
+    from serve.app import run_local
+    from serve.config import AutoscalingConfig, ReplicaConfig, ServeConfig
+    from tests.conftest import png
+    from tests.serve_fixtures import free_port
+
+    source = sources["mlp2x_gelu"]
+    hf = write_llava_hf(source, tmp_path / "llava-hf", "language_model.model")
+    init_ray(num_cpus=4)
+    try:
+        prepare_digits(str(tmp_path / "digits"))
+        result = train(finetune_config(
+            base_models, f"init_from={hf}", f"data.train=[{tmp_path / 'digits' / 'stage2'}]",
+            "lora.enabled=true", "lora.r=8", "lora.alpha=16", "optim.max_steps=3", "workers.num_workers=1",
+            "data.micro_batch_size=8", "optim.global_batch_size=8", "data.cache=false", "log_every_steps=1",
+            f"checkpoint.storage_path={tmp_path / 'runs'}", "checkpoint.run_name=lora"))
+        assert (Path(result.model) / ADAPTER_DIR).is_dir() and result.steps == 3
+        assert all(m["loss"] == m["loss"] for m in result.metrics)  # finite losses were logged
+        tuned = load_checkpoint(result.run_dir)
+        assert not torch.equal(logits(tuned.eval()), logits(source))  # the adapter changed the model
+
+        assert export_hf(tuned, tmp_path / "export").format == "hf-llava"
+        config = ServeConfig(model=str(tmp_path / "export"), model_name="tuned", port=free_port(),
+                             api_key_env="LLAVA_RAY_TEST_NO_KEY",
+                             autoscaling=AutoscalingConfig(min_replicas=1, max_replicas=1),
+                             replica=ReplicaConfig(num_cpus=0.5, num_gpus=0))
+        url = run_local(config)
+        image = png(21, size=32)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        response = client.chat.completions.create(model="tuned", temperature=0, max_tokens=8, messages=[{
+            "role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(image).decode()}},
+                {"type": "text", "text": "What digit is this?"}]}])
+        exported = load_model(str(tmp_path / "export"), device="cpu", dtype=torch.float32)
+        prompt = encode_prompt(exported, Prompt([{"from": "human", "value": "<image>\nWhat digit is this?"}], [image]))
+        answer = response.choices[0].message.content
+        assert answer and answer == greedy_decode(exported, [prompt], max_new_tokens=8)[0]
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import ray
 
@@ -24,7 +24,7 @@ from llava.data.reader import expand_dataset_uris, model_ready_dataset
 from llava.data.schema import Manifest, parquet_rows
 from llava.run_format import METRICS_FILE, RunOutput, model_dir
 from llava.model import expected_image_tokens
-from llava.model_loading import checkpoint_model_config
+from llava.model_loading import IMPORTED_DIR, checkpoint_model_config, import_for_training
 from llava.training.config import TrainConfig
 from llava.training.engine import StepPlan
 from llava.training.loop import train_loop
@@ -85,6 +85,9 @@ def train(config: TrainConfig) -> TrainResult:
     from ray.train.torch import TorchTrainer
 
     config.validate()
+    if config.init_from:  # a llava-hf or official checkpoint is converted once, into the run dir, for the workers
+        config = replace(config, init_from=import_for_training(
+            config.init_from, storage.join(_run_location(config)[2], IMPORTED_DIR), config.model.template))
     model_config, image_tokens = data_model_config(config)
     rows = count_rows(config.data.train)
     plan = StepPlan.build(config, rows, config.workers.num_workers)
