@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from llava.chat_template import build_chat_template
-from llava.config import config_to_dict
+from llava.chat_template import build_chat_template, text_after_bos
+from llava.config import ImageConfig, ModelConfig, config_to_dict
 from llava.templates import get_template
 
 log = logging.getLogger(__name__)
@@ -87,32 +87,106 @@ def hf_llava_config(model):
     )
 
 
-def build_processor(model):
-    """An HF LlavaProcessor matching our preprocessing (CLIP resize + centre crop) and template."""
-    from transformers import LlavaProcessor
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+def build_image_processor(image: ImageConfig):
+    """An HF image processor giving our `preprocess_image` pixels (PIL backend: the same PIL resampling).
 
-    image = model.config.image
-    if image.aspect != "crop":
-        log.warning(
-            "the model was trained with image.aspect=%s; HF's CLIP processor only resizes and centre-crops, "
-            "so pad/resize images on the client to reproduce training exactly",
-            image.aspect,
-        )
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": image.size},
-        crop_size={"height": image.size, "width": image.size},
-        image_mean=list(image.mean),
-        image_std=list(image.std),
-    )
+    transformers' Llava image processor pads to a square with the mean colour (`do_pad`)
+    before its CLIP resize + centre crop, as official LLaVA-1.5 (`expand2square`) and our
+    `aspect=pad` do; `aspect=resize` squashes to size x size without a crop.
+    """
+    from transformers.image_utils import PILImageResampling
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    square = {"height": image.size, "width": image.size}
+    common = dict(image_mean=list(image.mean), image_std=list(image.std), resample=PILImageResampling.BICUBIC,
+                  crop_size=square, do_convert_rgb=True)
+    if image.aspect == "resize":
+        return LlavaImageProcessorPil(size=square, do_center_crop=False, do_pad=False, **common)
+    return LlavaImageProcessorPil(size={"shortest_edge": image.size}, do_center_crop=True,
+                                  do_pad=image.aspect == "pad", **common)
+
+
+def export_tokenizer(tokenizer):
+    """A copy of `tokenizer` for the export: it adds no BOS of its own, since the chat template writes it.
+
+    Every path through the chat template then has exactly the BOS training had: tokenize=True,
+    vLLM's chat endpoint, and `processor(text=apply_chat_template(...))` alike. A SentencePiece
+    tokenizer keeps its `legacy` mode: transformers' save_pretrained leaves the flag out of
+    tokenizer_config.json and a reloaded tokenizer would fall back to non-legacy tokenisation.
+    """
+    import copy
+
+    exported = copy.deepcopy(tokenizer)
+    if getattr(exported, "add_bos_token", False):
+        exported.add_bos_token = False
+    if hasattr(exported, "legacy"):
+        exported.init_kwargs["legacy"] = exported.legacy
+    return exported
+
+
+def build_processor(model):
+    """An HF LlavaProcessor for `model`: see `make_processor`."""
+    return make_processor(model.config, model.tokenizer, model.vision_tower.config.patch_size)
+
+
+def make_processor(config: ModelConfig, tokenizer, patch_size: int):
+    """An HF LlavaProcessor with our preprocessing (`image.aspect` included), template and image placement."""
+    from transformers import LlavaProcessor
+
+    tokenizer = export_tokenizer(tokenizer)
+    chat_template = build_chat_template(get_template(config.template), config.image_placement, text_after_bos(tokenizer))
     return LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=model.tokenizer,
-        patch_size=model.vision_tower.config.patch_size,
-        vision_feature_select_strategy="default" if model.config.select_feature == "patch" else "full",
-        chat_template=build_chat_template(get_template(model.config.template)),
+        image_processor=build_image_processor(config.image),
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default" if config.select_feature == "patch" else "full",
+        chat_template=chat_template,
         num_additional_image_tokens=1,
     )
+
+
+_PIXELS = {
+    "pad": "pads the image to a square with the mean colour (`do_pad: true`), then resizes it to {size}x{size}, as "
+           "official LLaVA-1.5 training does",
+    "crop": "resizes the shortest edge to {size} and centre-crops {size}x{size} (CLIP preprocessing)",
+    "resize": "resizes the image to {size}x{size} without keeping its aspect ratio",
+}
+
+
+def export_readme(model) -> str:
+    """README.md of an HF export: how to prompt it and feed it images the way it was trained."""
+    image, template = model.config.image, get_template(model.config.template)
+    pixels = _PIXELS[image.aspect].format(size=image.size)
+    placement = (" (a user turn's single image goes first, as `<image>\\n`)"
+                 if model.config.image_placement == "start" else "")
+    if template.bos:
+        bos = (f"The template writes the BOS token `{model.tokenizer.bos_token}` itself and the tokenizer adds none "
+               "(`add_bos_token: false`), so every path through the template has exactly one; a prompt written "
+               "by hand must start with it.")
+    else:
+        bos = "Prompts start without a BOS token, as in training; the tokenizer adds none (`add_bos_token: false`)."
+    fill = tuple(int(m * 255) for m in image.mean)
+    return f"""# LLaVA model exported by llava-ray
+
+`LlavaForConditionalGeneration` + `LlavaProcessor`, trained with the `{model.config.template}` conversation
+template on images `{image.aspect}` at {image.size} px. `{EXPORT_META_FILE}` holds the full llava-ray model config.
+
+## Prompts
+The processor and tokenizer carry a chat template that renders OpenAI/HF-style messages exactly as training
+did{placement}. Let it build the prompt:
+
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                           return_dict=True, return_tensors="pt")
+
+with images as `{{"type": "image", "image": PIL_image}}` (or `"url"` / `"path"`) content parts. vLLM and
+SGLang apply the same template to `image_url` parts on their OpenAI chat endpoint.
+
+{bos}
+
+## Images
+The image processor {pixels}. A transformers version whose Llava image processor lacks `do_pad` ignores
+it: then pad the image yourself (a square canvas of colour {fill}, the image centred) before passing it.
+"""
 
 
 def export_hf(model, out: str | Path) -> ExportResult:
@@ -138,6 +212,7 @@ def export_hf(model, out: str | Path) -> ExportResult:
     hf_model.generation_config.pad_token_id = model.tokenizer.pad_token_id
     hf_model.save_pretrained(out, safe_serialization=True)
     build_processor(model).save_pretrained(out)
+    (out / "README.md").write_text(export_readme(model))
     (out / EXPORT_META_FILE).write_text(json.dumps({"template": model.config.template,
                                                    "model": config_to_dict(model.config)}, indent=2))
     message = f"wrote a LlavaForConditionalGeneration + LlavaProcessor directory to {out}"

@@ -15,13 +15,49 @@ two or more `<image>` always keeps its written positions: the official code woul
 collapse them into one placeholder (it trains one image per sample), which would lose
 images; interleaved multi-image text ("compare <image> with <image>") stays readable.
 
-Rendered forms (REFERENCE.md §1, official `llava/conversation.py`):
-  plain      <image>{caption}\n
-  vicuna_v1  {system} USER: {q} ASSISTANT: {a}</s>USER: {q2} ASSISTANT: {a2}</s>
-  llava_v1   same as vicuna_v1 with the "human" system prompt
-  v1_paper   {system} ###Human: {q} ###Assistant: {a} ###Human: ...
-  llama_2    <s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{q} [/INST] {a} </s><s>[INST] {q2} [/INST] ...
-  chatml     <|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>\n
+Rendered forms, byte for byte as the official code builds them (haotian-liu/LLaVA v1.2.2
+`llava/conversation.py` get_prompt, `llava/train/train.py` preprocess_*); `<s>` is the
+tokenizer's BOS, which the official tokenisation (`tokenizer_image_token`) puts first:
+  plain           <s><image>{caption}\n
+  vicuna_v1 (v1)  <s>{system} USER: {q} ASSISTANT: {a}</s>USER: {q2} ASSISTANT: {a2}</s>
+  llava_v1        vicuna_v1 with the "curious human" system prompt
+  v0 (v1_paper)   <s>{system}\n\n### Human: {q}\n### Assistant: {a}\n### Human: {q2}\n### Assistant: {a2}\n###
+                  (the string ends with "### ", its space included)
+  llava_v0        <s>{system}###Human: {q}###Assistant: {a}###Human: {q2}###Assistant: {a2}###
+  llava_llama_2   <s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{q} [/INST] {a} </s><s>[INST] {q2} [/INST] {a2} </s>
+  mistral_instruct  <s>[INST] {q} [/INST] {a} </s>[INST] {q2} [/INST] {a2} </s>   (no default system prompt)
+  chatml_direct   <|im_start|>system\n{system}<|im_end|><|im_start|>user\n{q}<|im_end|><|im_start|>assistant\n{a}<|im_end|>...
+  mpt             chatml_direct's layout with MPT's system prompt
+  chatml          standard ChatML (Qwen, HF): chatml_direct plus "\n" after every <|im_end|>; not an official LLaVA format
+An inference prompt is the same string cut after the last user turn's assistant cue
+(`... ASSISTANT:`, `### Assistant:`, `[/INST]`, `<|im_start|>assistant\n`), exactly the
+official `conv.get_prompt()` after `append_message(roles[1], None)`. The official names
+(`--version` / `--conv-mode`: v1, vicuna_v1, llava_v1, v0, llava_v0, v0_plain, plain,
+llava_llama_2, mistral_instruct, chatml_direct, mistral_direct, mpt) all work as template
+names (`TEMPLATE_ALIASES`); so do this project's earlier `llama_2` and `v1_paper`.
+
+v0 is the one official format whose training and inference strings differ: the release
+that trained the v1 paper's models (default conversation conv_vicuna_v0) ran `--version v0`
+through the fallback `_add_speaker_and_signal` ("### Human: ...\n"; later releases default
+to vicuna_v1, so there the same flag trains vicuna_v1), while official inference prompts v0
+models with conv_llava_v0 ("###Human: ...###Assistant:"). A template
+here renders one format for training and inference alike (a model should be prompted the
+way it was trained), so the two are two templates: `v0` (alias `v1_paper`) is the
+training format, `llava_v0` the inference one, to prompt an official v0 checkpoint the
+way the official eval did.
+
+Where this deliberately differs from the official code:
+- Loss mask: only the answers and their end separators are trained. Official v0 training
+  also trains each "### Assistant: " header and the first two tokens of each human turn
+  (`_mask_targets`), and the official v1/llama_2/mpt masks drop a whole sample when their
+  token counting drifts ("tokenization mismatch").
+- An empty system prompt: vicuna_v1, llava_v1, v0 and llava_v0 keep the separator
+  (` USER: ...`, `\n\n### Human: ...`, `###Human: ...`) as the official string does;
+  the ChatML family drops the system block (officially the system text carries its own
+  `<|im_start|>system\n` header, so "no system prompt" cannot be expressed there).
+- The ChatML family (chatml_direct, mpt, chatml) never starts with BOS; the official code
+  prepends one only when the tokenizer adds BOS by default.
+- `*_mmtag` versions (`<Image><image></Image>` and an extra "Received." turn) are not provided.
 """
 
 from __future__ import annotations
@@ -43,6 +79,7 @@ LLAMA_2_SYSTEM = (
     "You are a helpful language and vision assistant. You are able to understand the visual content "
     "that the user provides, and assist the user with a variety of tasks using natural language."
 )
+MPT_SYSTEM = "A conversation between a user and an LLM-based AI assistant. The assistant gives helpful and honest answers."
 
 EOS = "\x00eos\x00"  # marker: the tokenizer's own end-of-sequence token
 
@@ -52,6 +89,7 @@ class Template:
     name: str
     system: str = ""  # default system prompt; a leading "system" turn overrides it
     system_format: str = "{system}"  # text before the first user turn (when the system prompt is non-empty)
+    system_always: bool = False  # render system_format even for an empty system prompt (official: system + sep)
     first_user_format: Optional[str] = None  # llama_2 puts the system prompt inside the first user turn
     user_format: str = "{content}"  # ends with the assistant cue: the inference prompt stops here
     assistant_format: str = " {content}"  # trained
@@ -63,9 +101,13 @@ class Template:
     stop_strings: tuple[str, ...] = ()  # extra strings that end generation (besides EOS)
 
 
+_LLAMA_2_FIRST_USER = "[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{content} [/INST]"
+_CHATML_DIRECT_USER = "<|im_start|>user\n{content}<|im_end|><|im_start|>assistant\n"
+
 TEMPLATES: dict[str, Template] = {
     t.name: t
     for t in [
+        # official plain (stage 1): conv_llava_plain / preprocess_plain
         Template(
             name="plain",
             user_format="{content}",
@@ -74,35 +116,85 @@ TEMPLATES: dict[str, Template] = {
             keep_user_text=False,
             stop_strings=("\n",),
         ),
+        # official conv_vicuna_v1 (SeparatorStyle.TWO: sep " ", sep2 "</s>")
         Template(
             name="vicuna_v1",
             system=VICUNA_SYSTEM,
             system_format="{system} ",
+            system_always=True,
             user_format="USER: {content} ASSISTANT:",
         ),
+        # official conv_llava_v1: vicuna_v1 with the "human" system prompt
         Template(
             name="llava_v1",
             system=LLAVA_SYSTEM,
             system_format="{system} ",
+            system_always=True,
             user_format="USER: {content} ASSISTANT:",
         ),
+        # official `--version v0` training (train.py preprocess -> _add_speaker_and_signal): the v1 paper's "###"
         Template(
-            name="v1_paper",
+            name="v0",
             system=LLAVA_SYSTEM,
-            system_format="{system} ###",
-            user_format="Human: {content} ###Assistant:",
-            assistant_end=" ###",
+            system_format="{system}\n\n### ",
+            system_always=True,
+            user_format="Human: {content}\n### Assistant:",
+            assistant_end="\n###",
+            turn_separator=" ",
             stop_strings=("###",),
         ),
+        # official conv_llava_v0 (SeparatorStyle.SINGLE, sep "###"): how official inference prompts v0 models
         Template(
-            name="llama_2",
+            name="llava_v0",
+            system=LLAVA_SYSTEM,
+            system_format="{system}###",
+            system_always=True,
+            user_format="Human: {content}###Assistant:",
+            assistant_end="###",
+            stop_strings=("###",),
+        ),
+        # official conv_llava_llama_2 (SeparatorStyle.LLAMA_2: sep "<s>", sep2 "</s>")
+        Template(
+            name="llava_llama_2",
             system=LLAMA_2_SYSTEM,
             system_format="",
-            first_user_format="[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{content} [/INST]",
+            first_user_format=_LLAMA_2_FIRST_USER,
             user_format="[INST] {content} [/INST]",
             assistant_format=" {content} ",
             bos_each_user_turn=True,
         ),
+        # official conv_mistral_instruct (LLAMA_2 style, sep "", no system prompt): one <s> at the start
+        Template(
+            name="mistral_instruct",
+            system="",
+            system_format="",
+            first_user_format=_LLAMA_2_FIRST_USER,
+            user_format="[INST] {content} [/INST]",
+            assistant_format=" {content} ",
+        ),
+        # official conv_chatml_direct (SeparatorStyle.MPT, sep "<|im_end|>"): nothing between messages
+        Template(
+            name="chatml_direct",
+            system="Answer the questions.",
+            system_format="<|im_start|>system\n{system}<|im_end|>",
+            user_format=_CHATML_DIRECT_USER,
+            assistant_format="{content}",
+            assistant_end="<|im_end|>",
+            bos=False,
+            stop_strings=("<|im_end|>",),
+        ),
+        # official conv_mpt: chatml_direct's layout with MPT's system prompt
+        Template(
+            name="mpt",
+            system=MPT_SYSTEM,
+            system_format="<|im_start|>system\n{system}<|im_end|>",
+            user_format=_CHATML_DIRECT_USER,
+            assistant_format="{content}",
+            assistant_end="<|im_end|>",
+            bos=False,
+            stop_strings=("<|im_end|>",),
+        ),
+        # standard ChatML (Qwen, HF): "\n" after every <|im_end|>. Not an official LLaVA format.
         Template(
             name="chatml",
             system="Answer the questions.",
@@ -117,11 +209,28 @@ TEMPLATES: dict[str, Template] = {
     ]
 }
 
+# Other names for the templates above: the official `--version` / `--conv-mode` spellings
+# (haotian-liu/LLaVA llava/conversation.py conv_templates) and this project's earlier names.
+TEMPLATE_ALIASES: dict[str, str] = {
+    "v1": "vicuna_v1",
+    "v0_plain": "plain",
+    "mistral_direct": "chatml_direct",
+    "llama_2": "llava_llama_2",  # earlier name here; official `llama_2` is Llama-2-chat's long system prompt
+    "v1_paper": "v0",  # earlier name here for the paper's "###" format
+}
+
+
+def template_names() -> list[str]:
+    """Every accepted template name: the templates' own names and their aliases."""
+    return sorted([*TEMPLATES, *TEMPLATE_ALIASES])
+
 
 def get_template(name: str) -> Template:
-    if name not in TEMPLATES:
-        raise ValueError(f"unknown conversation template {name!r}; choose one of {sorted(TEMPLATES)}")
-    return TEMPLATES[name]
+    """The template called `name` (its own name or an alias such as the official `v1`)."""
+    template = TEMPLATES.get(TEMPLATE_ALIASES.get(name, name))
+    if template is None:
+        raise ValueError(f"unknown conversation template {name!r}; choose one of {template_names()}")
+    return template
 
 
 @dataclass(frozen=True)
@@ -215,7 +324,7 @@ def render(
     pieces: list[Piece] = []
     if template.bos and not template.bos_each_user_turn:
         pieces.append(Piece("bos"))
-    if system and template.system_format and template.keep_user_text:
+    if (system or template.system_always) and template.system_format and template.keep_user_text:
         pieces.append(Piece("text", template.system_format.format(system=system)))
     for index, (role, text) in enumerate(turns):
         if role == "user":

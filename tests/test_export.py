@@ -49,12 +49,12 @@ def test_stock_transformers_gives_the_same_logits(exported):
     messages = [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nWhat is this?"}]},
         {"role": "assistant", "content": "A seven."},
-        {"role": "user", "content": [{"type": "text", "text": "And this "}, {"type": "image"}, {"type": "text", "text": "?"}]},
+        {"role": "user", "content": [{"type": "text", "text": "And this one?"}, {"type": "image"}]},
     ]
     text = processor.apply_chat_template(messages)
     inputs = processor(text=text, images=[picture(0), picture(1, (30, 90))], return_tensors="pt")
     ours_ids, n_images = tokenize_prompt(
-        [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A seven."}, {"from": "human", "value": "And this <image>?"}],
+        [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A seven."}, {"from": "human", "value": "And this one? <image>"}],
         model.tokenizer,
         model.config.template,
         model.num_image_tokens,
