@@ -12,7 +12,9 @@ from jobs.arguments import add_config_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="llava-ray checkpoint, training run dir or HF export (local or s3://)")
+    parser.add_argument("--model", default=None,
+                        help="llava-ray checkpoint, training run dir, HF export, llava-hf or official LLaVA checkpoint "
+                             "(local or s3://); template=NAME sets the template of a checkpoint that records none")
     parser.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", default=None, type=int, help="HTTP port (default 8000)")
     parser.add_argument("--allow-unauthenticated", action="store_true",

@@ -52,7 +52,7 @@ class LlavaChat:
     def __init__(self, config: dict):
         self.config = config_from_dict(ServeConfig, config)
         self.gate = Gate(self.config)
-        self.engine = LlavaEngine(self.config.model, self.config.limits)
+        self.engine = LlavaEngine(self.config.model, self.config.limits, self.config.template)
         # tokenising and image decoding, a few at once: bounds the replica's decoding memory (serve/README.md)
         self._prepare_pool = concurrent.futures.ThreadPoolExecutor(self.config.limits.decode_workers,
                                                                    thread_name_prefix="prepare")

@@ -62,8 +62,9 @@ class ImageFetchConfig:  # http(s) image URLs
 
 @dataclass
 class ServeConfig:
-    model: str = ""  # llava-ray checkpoint, training run dir or HF export (local dir or s3://)
+    model: str = ""  # llava-ray checkpoint, training run dir, llava-hf or official LLaVA checkpoint (local dir or s3://)
     model_name: str = "llava"  # the id clients pass as `model` and /v1/models lists
+    template: Optional[str] = None  # conversation template for a checkpoint that records none (official LLaVA: vicuna_v1)
     engine: str = "llava"  # "llava": our model in the replica (CPU or GPU); "vllm": Ray Serve LLM (GPU, HF export)
     host: str = "127.0.0.1"
     port: int = 8000

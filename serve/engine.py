@@ -32,8 +32,8 @@ class PreparedRequest:
 
 
 class LlavaEngine:
-    def __init__(self, model_uri: str, limits: LimitsConfig):
-        self.model = load_model(model_uri)
+    def __init__(self, model_uri: str, limits: LimitsConfig, template: Optional[str] = None):
+        self.model = load_model(model_uri, template=template)
         self.limits = limits
         self.context = getattr(self.model.llm.config, "max_position_embeddings", None) or self.model.config.max_length
         self.image_config = dataclasses.replace(self.model.config.image, max_pixels=limits.max_image_pixels)

@@ -187,6 +187,14 @@ def test_official_template_override_and_unsupported_variants(sources, base_model
     path = write_official(source, tmp_path / "official", base_models)
     model = load_model(str(path), device="cpu", dtype=torch.float32, template="llava_llama_2")
     assert model.config.template == "llava_llama_2" and not model.training
+    # serve (`template=` of ServeConfig) and infer / eval (`template=`, `infer.template=`) pass it on
+    from llava.inference.batch import GreedyAnswerer
+    from serve.config import LimitsConfig
+    from serve.engine import LlavaEngine
+
+    assert LlavaEngine(str(path), LimitsConfig(), template="llava_v1").model.config.template == "llava_v1"
+    assert GreedyAnswerer(str(path), 4, 2, template="llava_v1").model.config.template == "llava_v1"
+    assert GreedyAnswerer(str(path), 4, 2).model.config.template == "vicuna_v1"
     config, tokens = checkpoint_model_config(str(path))  # what training prepares its data for, no weights read
     assert (config.template, config.projector.type, tokens) == ("vicuna_v1", "mlp2x_gelu", 16)
     cropped = write_official(source, tmp_path / "square", base_models, image_aspect_ratio="square")
