@@ -38,7 +38,8 @@ ANSWER_SCHEMA = pa.schema([
 
 @dataclass
 class InferConfig:
-    model: str = ""  # llava-ray checkpoint, training run dir or HF Llava export (local or s3://)
+    model: str = ""  # llava-ray checkpoint, training run dir, HF export, llava-hf or official LLaVA checkpoint (local or s3://)
+    template: Optional[str] = None  # conversation template for a checkpoint that records none (official LLaVA: vicuna_v1)
     questions: str = ""  # JSONL file or parquet file/dataset (local or s3://)
     out: str = ""  # output dir: predictions.jsonl + summary.json
     images: Optional[str] = None  # root for relative image paths (default: the questions file's dir)
@@ -72,13 +73,13 @@ def error_reason(error: Exception) -> str:
 class GreedyAnswerer:
     """Ray Data actor: one model per actor, `batch_size` questions per forward pass."""
 
-    def __init__(self, model_uri: str, max_new_tokens: int, batch_size: int):
+    def __init__(self, model_uri: str, max_new_tokens: int, batch_size: int, template: Optional[str] = None):
         from transformers.utils import logging as hf_logging
 
         from llava.model_loading import load_model
 
         hf_logging.disable_progress_bar()
-        self.model = load_model(model_uri)  # GPU + bf16 when present, else CPU + fp32
+        self.model = load_model(model_uri, template=template)  # GPU + bf16 when present, else CPU + fp32
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -117,7 +118,7 @@ def answer_dataset(config: InferConfig, questions: ray.data.Dataset) -> ray.data
     return questions.map_batches(
         GreedyAnswerer,
         fn_constructor_kwargs={"model_uri": config.model, "max_new_tokens": config.max_new_tokens,
-                               "batch_size": config.batch_size},
+                               "batch_size": config.batch_size, "template": config.template},
         batch_format="pyarrow",
         batch_size=config.batch_size * 2,
         compute=ray.data.ActorPoolStrategy(size=actors),
