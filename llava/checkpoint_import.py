@@ -289,7 +289,7 @@ def vision_tower_config(source: str):
 
     try:
         found = AutoConfig.from_pretrained(_local(source))
-    except OSError as error:
+    except (OSError, ValueError) as error:  # ValueError: not a valid hub id either
         raise CheckpointError(f"cannot read the vision tower config of {source!r} (mm_vision_tower): {error}. "
                               f"Point mm_vision_tower in config.json at a local CLIP directory") from error
     return getattr(found, "vision_config", found)
@@ -298,6 +298,8 @@ def vision_tower_config(source: str):
 def describe_official(uri: str, template: str | None = None) -> tuple[ModelConfig, Any, Any]:
     """(our ModelConfig, CLIP vision config, LLM config) of an official checkpoint, no weights read."""
     config = _read_json(storage.join(uri, "config.json"))
+    if not config.get("mm_vision_tower"):
+        raise CheckpointError(f"{uri}/config.json has no mm_vision_tower (the CLIP model the checkpoint was built on)")
     vision_config = vision_tower_config(config["mm_vision_tower"])
     model_config = official_model_config(config, uri, vision_config, template)
     return model_config, vision_config, official_llm_config(config, uri)
@@ -321,7 +323,7 @@ def _tower_weights(source: str) -> dict[str, torch.Tensor]:
 
     try:
         tower = CLIPVisionModel.from_pretrained(_local(source))  # transformers reads *.bin with weights_only=True
-    except OSError as error:
+    except (OSError, ValueError) as error:
         raise CheckpointError(f"cannot load the vision tower {source!r} (mm_vision_tower): {error}") from error
     return tower.state_dict()
 

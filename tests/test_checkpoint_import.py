@@ -158,6 +158,16 @@ def test_official_tower_not_saved_comes_from_mm_vision_tower(sources, base_model
     assert torch.equal(loaded.llm.lm_head.weight, source.llm.lm_head.weight)
 
 
+def test_official_checkpoint_in_s3_loads_for_answering(sources, base_models, s3_bucket, tmp_path):
+    from llava import storage
+    from llava.model_loading import load_model
+
+    source = sources["mlp2x_gelu"]
+    storage.upload_dir(str(write_official(source, tmp_path / "official", base_models)), f"{s3_bucket}/llava-v1.5")
+    loaded = load_model(f"{s3_bucket}/llava-v1.5", device="cpu", dtype=torch.float32)
+    assert torch.equal(logits(loaded), logits(source))
+
+
 def test_official_sharded_weights_are_read_through_the_index_only(sources, base_models, tmp_path):
     from llava.model_loading import load_checkpoint
 
@@ -200,6 +210,7 @@ def test_official_template_override_and_unsupported_variants(sources, base_model
     cropped = write_official(source, tmp_path / "square", base_models, image_aspect_ratio="square")
     assert checkpoint_model_config(str(cropped))[0].image.aspect == "crop"  # official: no pad -> resize + centre crop
     for name, fields, message in [
+        ("elsewhere", {"mm_vision_tower": str(tmp_path / "gone" / "clip")}, r"vision tower config of .*gone/clip"),
         ("startend", {"mm_use_im_start_end": True}, "mm_use_im_start_end"),
         ("anyres", {"image_aspect_ratio": "anyres", "mm_patch_merge_type": "spatial_unpad"}, "mm_patch_merge_type"),
         ("mpt", {"model_type": "llava_mpt"}, "model_type 'llava_mpt'"),
