@@ -210,6 +210,9 @@ def _read_image(response: http.client.HTTPResponse, target: Target, max_bytes: i
     kind = response.getheader("Content-Type", "")
     if not kind.startswith("image/"):
         raise _error("invalid_image_content_type", f"{shown!r} is {kind[:60] or 'untyped'}, not an image")
+    length = response.getheader("Content-Length")
+    if length is not None and not length.strip().isdigit():
+        raise _error("image_fetch_failed", f"{shown!r} answered with an invalid Content-Length")
     declared = response.length  # None when chunked or not given
     if declared is not None and declared > max_bytes:
         raise _error("image_too_large", f"{shown!r} is {declared} bytes; the limit is {max_bytes}")
