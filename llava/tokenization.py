@@ -8,6 +8,10 @@ the whole string: a piece boundary never changes them (with a non-legacy Sentenc
 tokenizer `</s>USER:` gives `</s>`, `USER`; tokenising `USER:` on its own would give
 `▁US`, `ER`). A leading BOS is the tokenizer's BOS id put before the string, as
 `tokenizer(prompt)` adds it, so the text after it starts as a fresh string does.
+`<image>` is a token of the vocabulary here (as in llava-hf checkpoints, which HF and
+vLLM serve), so it sits in the one string; the official code instead tokenises the
+text between images as separate strings (`tokenizer_image_token`), which with a
+SentencePiece tokenizer puts a dummy-prefix `▁` after every image.
 
 Labels are still decided by the pieces: each token is trained iff the characters it
 covers lie in trainable pieces (the answers and their end separators). A token that
