@@ -104,16 +104,16 @@ def _source_dtype(uri: str) -> torch.dtype:
 def import_for_training(uri: str, out: str, template: str | None = None) -> str:
     """The checkpoint training starts from (`init_from`) as a llava-ray checkpoint the workers can load.
 
-    A llava-ray checkpoint or run dir is returned as is. A llava-hf or official checkpoint is converted
+    A llava-ray checkpoint or run dir is returned as given. A llava-hf or official checkpoint is converted
     once into a llava-ray checkpoint at `out` (local or s3://) with every component saved as a plain HF
     directory (`llm/`, `vision/`), which the run's own checkpoints then name as their base; `out` is returned.
     A conversion already at `out` from the same source is reused.
     """
     import tempfile
 
-    uri = _resolve(uri)
+    given, uri = uri, _resolve(uri)
     if detect_layout(uri) == LLAVA_RAY:
-        return uri
+        return given
     marker = storage.join(out, IMPORT_SOURCE_FILE)
     if storage.exists(marker) and json.loads(storage.read_text(marker)).get("source") == uri:
         log.info("reusing %s, converted earlier from %s", out, uri)
