@@ -15,6 +15,7 @@ never stops the job: it is skipped, counted by reason, and a few examples are lo
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 from collections import Counter
@@ -27,6 +28,7 @@ import ray
 from llava import storage
 from llava.data.schema import SCHEMA, Manifest, parquet_rows, shard_uris
 from llava.image_processing import ImageError, decode_image
+from llava.progress import Progress
 from llava.templates import SampleRejected
 from llava.tokenization import check_training_turns
 
@@ -59,9 +61,11 @@ class SkipCounter:
         self.counts: Counter = Counter()
         self.examples: dict[str, list[str]] = {}
         self.limit = examples_per_reason
+        self.rows_seen = 0  # rows checked so far, good or not (the job's progress)
 
-    def add(self, counts: dict[str, int], examples: list[tuple[str, str]]) -> None:
+    def add(self, counts: dict[str, int], examples: list[tuple[str, str]], rows: int = 0) -> None:
         self.counts.update(counts)
+        self.rows_seen += rows
         for reason, text in examples:
             kept = self.examples.setdefault(reason, [])
             if len(kept) < self.limit:
@@ -69,6 +73,10 @@ class SkipCounter:
 
     def report(self) -> tuple[dict[str, int], dict[str, list[str]]]:
         return dict(self.counts), self.examples
+
+    def progress(self) -> tuple[int, int]:
+        """(rows checked, rows skipped) so far."""
+        return self.rows_seen, sum(self.counts.values())
 
 
 def resolve_image_ref(images_root: Optional[str], ref: str) -> str:
@@ -120,7 +128,7 @@ def validate_batch(batch: pa.Table, images_root: Optional[str], max_pixels: int,
             reason = skip_reason(error)
             counts[reason] += 1
             examples.append((reason, f"id={row.get('id')!r}: {error}"))
-    ray.get(counter.add.remote(dict(counts), examples))
+    ray.get(counter.add.remote(dict(counts), examples, batch.num_rows))
     return pa.Table.from_pylist(good, schema=SCHEMA)
 
 
@@ -163,7 +171,19 @@ def ingest(
     )
     fs, path = storage.filesystem(out_uri)
     log.info("ingesting %s -> %s (about %d rows per shard)", ", ".join(sources), out_uri, shard_rows)
-    rows.write_parquet(path, filesystem=fs, min_rows_per_file=shard_rows, max_rows_per_file=shard_rows)
+    with Progress("prepare", unit="rows", logger=log) as progress:  # a bar on a terminal, else a line every 10 s
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            write = pool.submit(rows.write_parquet, path, filesystem=fs, min_rows_per_file=shard_rows,
+                                max_rows_per_file=shard_rows)
+            while True:
+                try:
+                    write.result(timeout=1.0)  # raises the write's own error, if any
+                    break
+                except concurrent.futures.TimeoutError:
+                    seen, skipped_rows = ray.get(counter.progress.remote())
+                    progress.set(seen, skipped=skipped_rows)
+        seen, skipped_rows = ray.get(counter.progress.remote())
+        progress.set(seen, skipped=skipped_rows)
     skipped, examples = ray.get(counter.report.remote())
     shards = shard_uris(out_uri)
     total = sum(parquet_rows(s) for s in shards)

@@ -36,6 +36,7 @@ from llava import storage
 from llava.chat_client import ChatClient, EndpointConfig
 from llava.evaluation.judge_rules import DEFAULT_RULES, JudgeRule, load_rules, rule_category
 from llava.inference.batch import InferConfig, read_predictions, run_batch_inference
+from llava.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -204,9 +205,11 @@ def evaluate_llava_bench(config: LlavaBenchConfig) -> dict:
                      "scores": parse_scores(text)}
 
     try:
-        with ThreadPoolExecutor(max(1, config.judge.concurrency)) as pool:
+        with ThreadPoolExecutor(max(1, config.judge.concurrency)) as pool, \
+                Progress("eval: judge", len(todo), "reviews", logger=log) as progress:  # a bar on a terminal
             for key, entry in pool.map(review, todo.items()):
                 cache.entries[key] = entry
+                progress.update(1)
     finally:
         cache.save()  # whatever was reviewed is kept for the next run, even when a call failed for good
 

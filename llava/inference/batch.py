@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
@@ -23,6 +22,7 @@ import ray
 from llava import storage
 from llava.image_processing import ImageError
 from llava.inference.questions import question_dataset
+from llava.progress import Progress
 from llava.templates import SampleRejected
 from llava.tokenization import PromptTooLong
 
@@ -134,14 +134,13 @@ def run_batch_inference(config: InferConfig, questions: Optional[ray.data.Datase
     questions = questions if questions is not None else question_dataset(config.questions, config.images)
     total = questions.count()
     log.info("batch inference: %d question(s) from %s with %s", total, config.questions or "a dataset", config.model)
-    results, errors, last_log = [], Counter(), time.monotonic()
-    for row in answer_dataset(config, questions).iter_rows():
-        results.append(row)
-        if row["error_reason"]:
-            errors[row["error_reason"]] += 1
-        if time.monotonic() - last_log >= config.log_every_s:
-            last_log = time.monotonic()
-            log.info("answered %d/%d question(s) (%d error row(s))", len(results), total, sum(errors.values()))
+    results, errors = [], Counter()
+    with Progress("infer", total, "questions", config.log_every_s, logger=log) as progress:  # bar on a terminal
+        for row in answer_dataset(config, questions).iter_rows():
+            results.append(row)
+            if row["error_reason"]:
+                errors[row["error_reason"]] += 1
+            progress.update(1, errors=sum(errors.values()))
     results.sort(key=lambda r: r["index"])
     predictions = storage.join(config.out, PREDICTIONS_FILE)
     storage.write_text(predictions, "".join(json.dumps({k: v for k, v in r.items() if k != "index"}) + "\n"

@@ -31,6 +31,7 @@ from llava.chat_client import ChatClient, EndpointConfig
 from llava.instruct.context import load_contexts
 from llava.instruct.parse import Unparsable, to_conversation
 from llava.instruct.prompts import TYPES, detail_questions, teacher_messages
+from llava.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +136,13 @@ def generate(config: GenerateConfig) -> dict:
             fn_constructor_kwargs={"endpoint": endpoint, "out": config.out, "seed": config.seed,
                                    "rpm_share": config.endpoint.requests_per_minute / actors},
             compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=0.5)
-        for row in answered.iter_rows():
-            if row["failure"] and row["failure"].startswith("request_failed"):
-                lost[row["failure"]] += 1
+        failed = 0
+        with Progress("generate", len(todo), "requests", logger=log) as progress:  # a bar on a terminal
+            for row in answered.iter_rows():
+                failed += bool(row["failure"])
+                if row["failure"] and row["failure"].startswith("request_failed"):
+                    lost[row["failure"]] += 1
+                progress.update(1, failed=failed)
         done = finished_results(config.out)
     return write_outputs(config, plan, done, lost)
 
