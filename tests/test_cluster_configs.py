@@ -300,3 +300,228 @@ def test_readme_commands_parse_and_load():
     assert {shlex.split(c)[1] for c in commands} >= TRAIN_JOBS
     for command in commands:
         _check_llava_ray_command(command)
+
+
+# --- security: authenticated control plane, network policies, least privilege ---------------------
+
+NETWORK_POLICIES = KUBERAY / "networkpolicy.yaml"
+SERVICE_ACCOUNTS = KUBERAY / "serviceaccount.yaml"
+IAM = CLUSTER / "iam"
+CONTROL_PLANE_PORTS = (6379, 8265, 10001)  # GCS, dashboard / Jobs API, Ray client
+DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")
+OPERATOR_LABELS = {"app.kubernetes.io/name": "kuberay-operator"}
+
+
+def _manifests() -> dict[str, tuple[str, dict]]:
+    """name -> (kind, the cluster spec) for every KubeRay resource that makes a Ray cluster."""
+    out = {stage: ("RayJob", _one(path, "RayJob")) for stage, path in RAYJOBS.items()}
+    out["service"] = ("RayService", _one(RAYSERVICE, "RayService"))
+    return out
+
+
+def _cluster_spec(kind: str, doc: dict) -> dict:
+    return doc["spec"]["rayClusterSpec" if kind == "RayJob" else "rayClusterConfig"]
+
+
+def _all_pod_templates() -> list[tuple[str, dict, dict]]:
+    """(where, pod labels as KubeRay sets them, pod spec) for every pod of every manifest, submitters included."""
+    pods = []
+    for name, (kind, doc) in _manifests().items():
+        cluster = _cluster_spec(kind, doc)
+        groups = [("head", cluster["headGroupSpec"])] + [(g["groupName"], g) for g in cluster["workerGroupSpecs"]]
+        for group, spec in groups:
+            labels = dict(spec["template"].get("metadata", {}).get("labels", {}))
+            labels.update({"ray.io/is-ray-node": "yes", "ray.io/node-type": "head" if group == "head" else "worker"})
+            pods.append((f"{name}/{group}", labels, spec["template"]["spec"]))
+        if kind == "RayJob" and doc["spec"].get("submissionMode", "K8sJobMode") == "K8sJobMode":
+            assert "submitterPodTemplate" in doc["spec"], f"{name}: the submitter needs the Ray token (submitterPodTemplate)"
+            pods.append((f"{name}/submitter", {}, doc["spec"]["submitterPodTemplate"]["spec"]))
+    return pods
+
+
+def _env(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def _from_secret(entry: dict | None) -> bool:
+    ref = (entry or {}).get("valueFrom", {}).get("secretKeyRef", {})
+    return bool(ref.get("name") and ref.get("key")) and "value" not in (entry or {})
+
+
+def test_every_ray_process_uses_token_authentication_with_the_token_from_a_secret():
+    """Ray 2.60 reads RAY_AUTH_MODE=token and the token from RAY_AUTH_TOKEN (docs.ray.io, "Ray token
+    authentication"); the token must come from a Kubernetes Secret, never from the manifest."""
+    for where, _, pod in _all_pod_templates():
+        for container in pod["containers"]:
+            env = _env(container)
+            assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", f"{where}: RAY_AUTH_MODE is not token"
+            assert _from_secret(env.get("RAY_AUTH_TOKEN")), f"{where}: RAY_AUTH_TOKEN must come from a secretKeyRef"
+
+
+def test_no_secret_value_is_written_in_a_manifest():
+    secretish = re.compile(r"TOKEN|KEY|SECRET|PASSWORD", re.I)
+    for where, _, pod in _all_pod_templates():
+        for container in pod["containers"]:
+            for name, entry in _env(container).items():
+                if secretish.search(name):
+                    assert _from_secret(entry), f"{where}: {name} has a literal value; use a secretKeyRef"
+    for path in _yaml_files():
+        assert not any(d.get("kind") == "Secret" for d in _docs(path)), f"{path}: Secrets are created with kubectl, not committed"
+
+
+def test_the_serving_api_key_comes_from_a_secret():
+    from serve.config import ServeConfig
+
+    key_env = ServeConfig().api_key_env
+    kind, doc = _manifests()["service"]
+    cluster = _cluster_spec(kind, doc)
+    for spec in [cluster["headGroupSpec"]] + cluster["workerGroupSpecs"]:  # the controller checks it at build time
+        for container in spec["template"]["spec"]["containers"]:
+            assert _from_secret(_env(container).get(key_env)), f"{container['name']}: {key_env} must come from a Secret"
+
+
+def _selects(policy: dict, labels: dict) -> bool:
+    selector = policy["spec"].get("podSelector", {})
+    assert not selector.get("matchExpressions"), "keep the selectors to matchLabels (checked here)"
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def _admits(rule: dict, port: int) -> bool:
+    ports = rule.get("ports")
+    return not ports or any(p.get("port") == port for p in ports)
+
+
+def _peer_allowed(peer: dict) -> bool:
+    """This namespace's pods (a podSelector alone) or the KubeRay operator (its namespace + its label)."""
+    if "ipBlock" in peer:
+        return False
+    if "namespaceSelector" not in peer:
+        return "podSelector" in peer
+    pod_labels = peer.get("podSelector", {}).get("matchLabels", {})
+    return bool(peer["namespaceSelector"].get("matchLabels")) and pod_labels == OPERATOR_LABELS
+
+
+def test_network_policies_open_the_control_plane_only_to_the_namespace_and_the_operator():
+    policies = [d for d in _docs(NETWORK_POLICIES) if d.get("kind") == "NetworkPolicy"]
+    assert policies
+    heads = [(where, labels) for where, labels, _ in _all_pod_templates() if labels.get("ray.io/node-type") == "head"]
+    assert len(heads) == len(_manifests())
+    for where, labels in heads:
+        selecting = [p for p in policies if _selects(p, labels) and "Ingress" in p["spec"].get("policyTypes", [])]
+        assert selecting, f"{where}: no NetworkPolicy selects the head pod (all ingress would be allowed)"
+        for port in CONTROL_PLANE_PORTS:
+            rules = [r for p in selecting for r in p["spec"].get("ingress", []) if _admits(r, port)]
+            assert rules, f"{where}: port {port} is closed to everyone (the Ray pods need it)"
+            for rule in rules:
+                assert rule.get("from"), f"{where}: a rule admits port {port} from anywhere"
+                assert all(_peer_allowed(peer) for peer in rule["from"]), f"{where}: port {port} open to {rule['from']}"
+        operator = [r for p in selecting for r in p["spec"].get("ingress", [])
+                    if any("namespaceSelector" in peer for peer in r.get("from", []))]
+        assert all(_admits(r, port) for r in operator for port in CONTROL_PLANE_PORTS), "the operator needs these ports"
+
+
+def _service_account(pod: dict) -> str | None:
+    return pod.get("serviceAccountName")
+
+
+def _policy(name: str) -> dict:
+    import json
+
+    return json.loads((IAM / name).read_text())
+
+
+def _statements(policy: dict) -> list[dict]:
+    statements = policy["Statement"]
+    return statements if isinstance(statements, list) else [statements]
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def test_training_and_serving_run_under_separate_service_accounts_and_roles():
+    accounts = {d["metadata"]["name"]: d["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
+                for d in _docs(SERVICE_ACCOUNTS) if d.get("kind") == "ServiceAccount"}
+    pods = {where: _service_account(pod) for where, _, pod in _all_pod_templates() if not where.endswith("/submitter")}
+    train = {sa for where, sa in pods.items() if not where.startswith("service/")}
+    serve = {sa for where, sa in pods.items() if where.startswith("service/")}
+    assert len(train) == 1 and len(serve) == 1 and train != serve, pods
+    (train_sa,), (serve_sa,) = train, serve
+    assert train_sa in accounts and serve_sa in accounts
+    assert accounts[train_sa] != accounts[serve_sa], "the two service accounts must map to different IAM roles"
+    for who, account in (("train", train_sa), ("serve", serve_sa)):
+        trust = _policy(f"{who}-trust.json")
+        subjects = [v for s in _statements(trust) for cond in s.get("Condition", {}).values()
+                    for k, v in cond.items() if k.endswith(":sub")]
+        assert subjects and all(s.endswith(f":{account}") for s in subjects), f"{who}-trust.json admits {subjects}"
+
+
+def _s3_arn(uri: str) -> str:
+    return "arn:aws:s3:::" + uri[len("s3://"):].rstrip("/")
+
+
+def test_the_serving_role_can_only_read_the_served_model():
+    model = yaml.safe_load(SERVE_CONFIG.read_text())["applications"][0]["args"]["model"]
+    for statement in _statements(_policy("serve-policy.json")):
+        assert statement["Effect"] == "Allow"
+        actions = _as_list(statement["Action"])
+        assert not [a for a in actions if any(w in a for w in ("Put", "Delete", "*", "Abort", "Restore", "Replicate"))], actions
+        assert set(actions) <= {"s3:GetObject", "s3:ListBucket"}, actions
+        for resource in _as_list(statement["Resource"]):
+            if "s3:GetObject" in actions:
+                assert resource.startswith(_s3_arn(model)), f"{resource} is wider than the model {model}"
+            else:  # ListBucket: only under the model's prefix
+                prefixes = statement["Condition"]["StringLike"]["s3:prefix"]
+                assert all(p.startswith(model.split("/", 3)[3]) for p in _as_list(prefixes)), prefixes
+
+
+def test_the_training_role_writes_only_under_the_run_prefix():
+    roots = set()
+    for stage in RAYJOBS:
+        _, config = _check_llava_ray_command(_one(RAYJOBS[stage], "RayJob")["spec"]["entrypoint"])
+        roots.add(_s3_arn(config.checkpoint.storage_path))
+    writes = [s for s in _statements(_policy("train-policy.json"))
+              if any(w in a for a in _as_list(s["Action"]) for w in ("Put", "Delete", "*"))]
+    assert writes, "training must write its checkpoints"
+    for statement in _statements(_policy("train-policy.json")):
+        assert "s3:*" not in _as_list(statement["Action"]) and "*" not in _as_list(statement["Resource"])
+    for statement in writes:
+        for resource in _as_list(statement["Resource"]):
+            assert any(resource.startswith(root + "/") for root in roots), f"writes to {resource} outside {roots}"
+
+
+def test_pods_run_as_non_root_without_privilege_escalation_or_capabilities():
+    for where, _, pod in _all_pod_templates():
+        context = pod.get("securityContext", {})
+        assert context.get("runAsNonRoot") is True and context.get("runAsUser", 0) != 0, f"{where}: {context}"
+        for container in pod["containers"]:
+            security = container.get("securityContext", {})
+            assert security.get("allowPrivilegeEscalation") is False, f"{where}/{container['name']}"
+            assert security.get("capabilities", {}).get("drop") == ["ALL"], f"{where}/{container['name']}"
+            assert not security.get("privileged"), f"{where}/{container['name']}"
+    users = re.findall(r"^USER\s+(\S+)", (CLUSTER / "Dockerfile").read_text(), flags=re.M)
+    assert users and users[-1].split(":")[0] not in ("0", "root"), "the image should end as a non-root user"
+
+
+def test_every_image_is_pinned_by_digest():
+    images = [c["image"] for _, _, pod in _all_pod_templates() for c in pod["containers"]]
+    docker = _aws()["docker"]
+    images += [docker[k] for k in ("image", "head_image", "worker_image") if docker.get(k)]
+    images += re.findall(r"^ARG RAY_IMAGE=(\S+)", (CLUSTER / "Dockerfile").read_text(), flags=re.M)
+    assert len(images) > 6
+    for image in images:
+        assert DIGEST.search(image), f"{image} is not pinned by digest (name:tag@sha256:...)"
+
+
+def test_aws_nodes_require_imdsv2():
+    for name, node_type in _aws()["available_node_types"].items():
+        options = node_type["node_config"].get("MetadataOptions", {})
+        assert options.get("HttpTokens") == "required", f"{name}: IMDSv2 not required (MetadataOptions.HttpTokens)"
+
+
+def test_aws_cluster_uses_token_authentication_and_keeps_the_dashboard_on_loopback():
+    config = _aws()
+    assert "-e RAY_AUTH_MODE=token" in config["docker"]["run_options"]
+    assert "~/.ray/auth_token" in config["file_mounts"], "every node needs the launcher's token file"
+    head = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head
