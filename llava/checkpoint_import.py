@@ -384,23 +384,25 @@ def import_llava_hf(path: str | Path, template: str | None = None) -> ImportedPa
 # ---- both ---------------------------------------------------------------------------------------------------
 
 
-def describe(uri: str, template: str | None = None) -> tuple[ModelConfig, Any]:
-    """(our ModelConfig, CLIP vision config) of a llava-hf or official checkpoint, no weights read."""
+def describe(uri: str, template: str | None = None) -> tuple[ModelConfig, Any, Any]:
+    """(our ModelConfig, CLIP vision config, LLM config) of a llava-hf or official checkpoint, no weights read."""
     layout = detect_layout(uri)
     if layout == LLAVA_RAY:
         raise CheckpointError(f"{uri} is a llava-ray checkpoint, not a foreign one")
-    config, vision_config, _ = (describe_official if layout == LLAVA_OFFICIAL else describe_llava_hf)(uri, template)
-    return config, vision_config
+    config, vision_config, llm_config = (describe_official if layout == LLAVA_OFFICIAL else describe_llava_hf)(
+        uri, template)
+    if getattr(vision_config, "model_type", None) != "clip_vision_model":  # our model runs a CLIPVisionModel
+        raise CheckpointError(f"{uri}: vision tower {getattr(vision_config, 'model_type', None)!r} is not supported "
+                              f"(only CLIP vision towers, as in LLaVA-1.5)")
+    return config, vision_config, llm_config
 
 
 def import_checkpoint(path: str | Path, template: str | None = None) -> ImportedParts:
     """A llava-hf or official checkpoint directory (local), weights loaded."""
-    layout = detect_layout(str(path))
-    if layout == LLAVA_OFFICIAL:
+    describe(str(path), template)  # refuses what our model cannot run before any weights are read
+    if detect_layout(str(path)) == LLAVA_OFFICIAL:
         return import_official(path, template)
-    if layout == LLAVA_HF:
-        return import_llava_hf(path, template)
-    raise CheckpointError(f"{path} is a llava-ray checkpoint, not a foreign one")
+    return import_llava_hf(path, template)
 
 
 def _assemble(config: ModelConfig, vision_config, llm_config, vision_state: dict, projector_state: dict,

@@ -84,7 +84,7 @@ def checkpoint_model_config(uri: str, **overrides) -> tuple[ModelConfig, int]:
         saved = json.loads(storage.read_text(storage.join(uri, CONFIG_FILE)))
         config = config_from_dict(ModelConfig, {**saved["model"], **overrides})
         return config, int(saved["num_image_tokens"])
-    config, vision_config = describe(uri, template=overrides.pop("template", None))
+    config, vision_config, _ = describe(uri, template=overrides.pop("template", None))
     config = dataclasses.replace(config, **overrides)
     return config, image_tokens_per_image(config, vision_config)
 

@@ -233,6 +233,18 @@ def test_llava_hf_directory_loads_with_equal_logits(sources, tmp_path, naming):
     assert (loaded.config.template, loaded.config.select_layer, loaded.config.image.size) == ("vicuna_v1", -2, 32)
 
 
+def test_llava_hf_with_a_siglip_tower_is_refused(sources, tmp_path):
+    from llava.model_loading import load_checkpoint
+
+    path = write_llava_hf(sources["mlp2x_gelu"], tmp_path / "hf", "language_model.model")
+    config = json.loads((path / "config.json").read_text())
+    config["vision_config"] = {"model_type": "siglip_vision_model", "hidden_size": 64, "image_size": 32,
+                               "patch_size": 8, "num_hidden_layers": 2, "num_attention_heads": 4}
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"vision tower 'siglip_vision_model' is not supported"):
+        load_checkpoint(str(path))
+
+
 # ---- training init, export ------------------------------------------------------------------------------------
 
 
