@@ -290,6 +290,18 @@ def test_training_converts_a_foreign_init_from_once_into_a_llava_ray_checkpoint(
     assert (Path(out) / LLM_DIR / "model.safetensors").stat().st_mtime_ns == stamp  # not written again
 
 
+def test_a_foreign_init_from_converts_into_an_s3_run_dir(sources, s3_bucket, tmp_path):
+    from llava.model import LlavaModel
+    from llava.model_loading import import_for_training
+
+    source = sources["mlp2x_gelu"]
+    hf = write_llava_hf(source, tmp_path / "hf", "model.language_model")
+    out = import_for_training(str(hf), f"{s3_bucket}/runs/lora/imported")
+    converted = LlavaModel.from_pretrained(out)  # its base components are read from the bucket too
+    assert converted.config.llm == f"{s3_bucket}/runs/lora/imported/llm"
+    assert torch.equal(logits(converted.eval()), logits(source))
+
+
 def test_stage2_projector_from_an_official_mm_projector_bin(sources, base_models, tmp_path):
     """Stage 1 official output -> our stage 2 from the base models: the same model as the stage-1 source."""
     from llava.training.engine import build_model
