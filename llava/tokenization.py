@@ -78,6 +78,10 @@ def load_tokenizer(path_or_uri: str | Path):
             "(character offsets build the loss masks): save it with tokenizer.json, or install sentencepiece "
             "and protobuf so transformers can convert tokenizer.model"
         )
+    if hasattr(tokenizer, "legacy"):
+        # transformers' save_pretrained leaves `legacy` out of tokenizer_config.json, and a reloaded Llama
+        # tokenizer falls back to non-legacy: keep the flag so a saved checkpoint tokenises as training did
+        tokenizer.init_kwargs["legacy"] = tokenizer.legacy
     return tokenizer
 
 
