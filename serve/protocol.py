@@ -142,7 +142,7 @@ def _messages(data: dict, limits: LimitsConfig) -> tuple[list[dict], list[str]]:
     turns, urls, chars = [], [], 0
     for i, message in enumerate(raw):
         role = message.get("role") if isinstance(message, dict) else None
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:  # a list or dict role is not hashable
             raise APIError(400, f"messages[{i}].role must be one of {sorted(ROLES)}, got {str(role)[:40]!r}",
                            param=f"messages[{i}].role", code="invalid_value")
         pieces = []
