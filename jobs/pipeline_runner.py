@@ -31,6 +31,7 @@ from llava.data.ingest import IngestConfig
 from llava.evaluation.llava_bench import LlavaBenchConfig
 from llava.evaluation.scienceqa import ScienceQAConfig
 from llava.training.config import PRESETS, PRESETS_DIR, FinetuneConfig, PretrainConfig
+from llava.training.tracking import TrackingConfig, flatten, log_to_run
 from serve.config import ServeConfig
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ class PipelineConfig:
     eval: EvalStageConfig = field(default_factory=EvalStageConfig)
     export: ExportStageConfig = field(default_factory=ExportStageConfig)
     serve: ServeStageConfig = field(default_factory=ServeStageConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # both training stages (unless one sets its own)
 
 
 def load_pipeline_config(path: str | None = None, overrides: list[str] | None = None) -> PipelineConfig:
@@ -197,6 +199,7 @@ class Pipeline:
         """The stage's resolved training config (plain dict): pipeline wiring where the YAML left fields empty."""
         d = config_to_dict(getattr(self.config, stage))
         d.pop("preset")
+        d.pop("tracking")  # where metrics go is no part of what a stage computes: set in _train, not fingerprinted
         for key, value in [*defaults.items(), *(forced or {}).items()]:
             section, _, name = key.rpartition(".")
             target = d[section] if section else d
@@ -211,7 +214,9 @@ class Pipeline:
             from llava.training.trainer import train
 
             self.ray()
-            result = train(config_from_dict(job_cls, config))
+            own = getattr(self.config, stage).tracking
+            tracking = config_to_dict(own if own.enabled else self.config.tracking)
+            result = train(config_from_dict(job_cls, {**config, "tracking": tracking}))
             losses = [m["loss"] for m in result.metrics if "loss" in m]
             return ({"run_dir": result.run_dir, "model": result.model, "checkpoint": result.checkpoint},
                     {"steps": result.steps, "loss_start": losses[0] if losses else None,
@@ -277,6 +282,8 @@ class Pipeline:
                 metrics[name] = evaluate(config_from_dict(ScienceQAConfig if name == "scienceqa" else
                                                           LlavaBenchConfig, bench))
                 outputs[name] = bench["infer"]["out"]
+            numbers = {f"eval/{k}": v for k, v in flatten(metrics).items() if isinstance(v, (int, float))}
+            log_to_run(stage2.outputs["run_dir"], numbers, step=stage2.metrics.get("steps") or 0)  # if tracked
             return outputs, metrics
 
         return self.manifest.run_stage("eval", config, work, {"model": model}, {"stage2": stage2})

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Optional
 
 from llava.config import FreezeConfig, ModelConfig, Presets, load_config
+from llava.training.health import HealthConfig
+from llava.training.tracking import TrackingConfig
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 
@@ -110,6 +112,8 @@ class TrainConfig:
     workers: WorkersConfig = field(default_factory=WorkersConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log_every_steps: int = 10
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # TensorBoard / MLflow / W&B (training/tracking.py)
+    health: HealthConfig = field(default_factory=HealthConfig)  # non-finite steps skipped; the run stops after N in a row
     audit_dir: Optional[str] = None  # local dir: sample ids of every micro-batch and weight checksums per checkpoint
 
     def __post_init__(self) -> None:

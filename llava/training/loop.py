@@ -22,16 +22,21 @@ from llava.run_format import DS_DIR, DS_TAG, HF_DIR
 from llava.tokenization import IGNORE_INDEX
 from llava.training.config import TrainConfig
 from llava.training.engine import StepPlan, build_engine, build_model, component_checksums, full_state_dict
+from llava.training.health import StepHealth
 from llava.training.state import IntervalMetrics, SampleRecorder, TrainState, gather_ids
+from llava.training.tracking import TrackingRun
 
 log = logging.getLogger("llava.train")
 
+TRACKED = ("loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "step_time_s", "data_wait_s", "padding_fraction",
+           "skipped_steps", "skipped_steps_total", "epoch")  # sent to the tracking backend as train/<name>
 
 
 def train_loop(loop_config: dict) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     config = config_from_dict(TrainConfig, loop_config["config"])
-    WorkerLoop(config, StepPlan(**loop_config["plan"])).run()
+    tracking = loop_config.get("tracking")
+    WorkerLoop(config, StepPlan(**loop_config["plan"]), TrackingRun(**tracking) if tracking else None).run()
 
 
 def dummy_batch(pad_token_id: int) -> Batch:
@@ -42,13 +47,15 @@ def dummy_batch(pad_token_id: int) -> Batch:
 
 
 class WorkerLoop:
-    def __init__(self, config: TrainConfig, plan: StepPlan):
+    def __init__(self, config: TrainConfig, plan: StepPlan, tracking: TrackingRun | None = None):
         self.config, self.plan = config, plan
         self.rank = ray.train.get_context().get_world_rank()
         torch.manual_seed(config.data.seed)
         self.model, self.trainable = build_model(config)
         self.engine = build_engine(self.model, config, plan)
         self.state = TrainState()
+        self.health = StepHealth(config.health, config.deepspeed.zero_stage)
+        self.tracking, self.tracker = tracking, None  # the tracker: rank 0 only, opened once the start step is known
         self.new_ids: list[str] = []  # consumed since the last checkpoint (this rank)
         self.recorder = SampleRecorder(config.audit_dir, self.rank)
         self.image_size = self.model.config.image.size
@@ -61,8 +68,17 @@ class WorkerLoop:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint:
             self._restore(checkpoint)
+        if self.tracking and self.rank == 0:
+            self.tracker = self.tracking.logger(resumed_at_step=self.state.step)
+        try:
+            self._train(resumed=checkpoint is not None)
+        finally:
+            if self.tracker:
+                self.tracker.close()
+
+    def _train(self, resumed: bool) -> None:
         shard = ray.train.get_dataset_shard("train")
-        last_saved = self.state.step if checkpoint else -1
+        last_saved = self.state.step if resumed else -1
         interval, interval_start = IntervalMetrics(), self.state.step
         stop = self.plan.stop_step
         while self.state.epoch < self.plan.epochs and (stop is None or self.state.step < stop):
@@ -117,25 +133,30 @@ class WorkerLoop:
             # parameter gets a gradient on every rank (DeepSpeed's reductions expect it; LLaVA does the same).
             blank = torch.zeros(1, 3, self.image_size, self.image_size)
             loss = loss + 0.0 * self.engine.module.encode_images(blank).sum()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.state.step} on samples {batch.ids[:8]}")
-        if not batch.ids:
-            loss = loss * 0.0
+        # a non-finite loss (or gradient) makes the optimizer skip this step on every rank (llava/training/health.py)
+        loss = self.health.loss(loss, self.state.step) if batch.ids else loss * 0.0
         boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.backward(loss)
-        self.engine.step()
+        if boundary:  # the optimizer step, unless the loss or gradient is not finite (then skipped and counted)
+            self.health.optimizer_step(self.engine, self.state.step, batch.ids)
+        else:
+            self.engine.step()
         return float(loss.detach()), boundary
 
     # ---- logging, checkpoints -----------------------------------------------------------------------
     def _log(self, metrics: dict) -> None:
         metrics = {"step": self.state.step, "epoch": self.state.epoch, "lr": self.engine.get_lr()[0], **metrics,
-                   "time": time.time()}
+                   **self.health.interval_metrics(), "time": time.time()}
         self.state.metrics.append(metrics)
         if self.rank == 0:
-            log.info("step %d/%d epoch %d loss %.4f lr %.3g | %.0f tok/s %.1f samples/s %.3fs/step (data wait %.3fs) "
-                     "padding %.3f", metrics["step"], self.plan.total_steps, metrics["epoch"], metrics["loss"],
-                     metrics["lr"], metrics["tokens_per_s"], metrics["samples_per_s"], metrics["step_time_s"],
-                     metrics["data_wait_s"], metrics["padding_fraction"])
+            log.info("step %d/%d epoch %d loss %.4f lr %.3g grad norm %s | %.0f tok/s %.1f samples/s %.3fs/step "
+                     "(data wait %.3fs) padding %.3f%s", metrics["step"], self.plan.total_steps, metrics["epoch"],
+                     metrics["loss"], metrics["lr"], f"{metrics['grad_norm']:.3g}" if "grad_norm" in metrics else "-",
+                     metrics["tokens_per_s"], metrics["samples_per_s"], metrics["step_time_s"], metrics["data_wait_s"],
+                     metrics["padding_fraction"],
+                     f" | {metrics['skipped_steps']:.0f} step(s) skipped (non-finite)" if metrics["skipped_steps"] else "")
+        if self.tracker:
+            self.tracker.metrics({f"train/{k}": metrics[k] for k in TRACKED if k in metrics}, self.state.step)
 
     def _save(self) -> None:
         """Every rank: its DeepSpeed shard; rank 0: consolidated weights + data position; Ray merges the dirs."""

@@ -9,6 +9,7 @@ Ray Data hands rows to workers in and even if the worker count changes.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +52,7 @@ class IntervalMetrics:
     """Counters between two logging steps, reduced over all ranks when logged."""
 
     loss_sum: float = 0.0
-    micro_batches: int = 0
+    micro_batches: int = 0  # with a finite loss (a non-finite one is skipped, see llava/training/health.py)
     tokens: int = 0  # real (non-padding) tokens
     padded_tokens: int = 0
     samples: int = 0
@@ -59,8 +60,9 @@ class IntervalMetrics:
     started: float = field(default_factory=time.perf_counter)
 
     def add(self, loss: float, batch, data_wait_s: float) -> None:
-        self.loss_sum += loss
-        self.micro_batches += 1
+        if math.isfinite(loss):
+            self.loss_sum += loss
+            self.micro_batches += 1
         self.tokens += batch.real_tokens
         self.padded_tokens += batch.padded_tokens
         self.samples += len(batch.ids)
@@ -75,7 +77,7 @@ class IntervalMetrics:
         elapsed = time.perf_counter() - self.started
         world = dist.get_world_size()
         return {
-            "loss": loss_sum / max(1.0, micro),
+            "loss": loss_sum / micro if micro else float("nan"),  # NaN: every micro-batch was non-finite
             "tokens_per_s": tokens / elapsed,
             "samples_per_s": samples / elapsed,
             "step_time_s": elapsed / max(1, steps),

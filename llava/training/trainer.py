@@ -28,6 +28,7 @@ from llava.model_loading import IMPORTED_DIR, checkpoint_model_config, import_fo
 from llava.training.config import TrainConfig
 from llava.training.engine import StepPlan
 from llava.training.loop import train_loop
+from llava.training.tracking import log_to_run, start_run
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +107,12 @@ def train(config: TrainConfig) -> TrainResult:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     resources = {"CPU": config.workers.cpus_per_worker, **({"GPU": config.workers.gpus_per_worker} if use_gpu else {})}
     storage_path, filesystem, run_dir = _run_location(config)
+    tracking = start_run(config.tracking, run_dir, config.checkpoint.storage_path, config.checkpoint.run_name,
+                         {**config_to_dict(config), "plan": asdict(plan), "rows": rows})
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"config": config_to_dict(config), "plan": asdict(plan)},
+        train_loop_config={"config": config_to_dict(config), "plan": asdict(plan),
+                           "tracking": asdict(tracking) if tracking else None},
         scaling_config=ScalingConfig(num_workers=plan.world_size, use_gpu=use_gpu, resources_per_worker=resources),
         datasets={"train": dataset},
         run_config=RunConfig(
@@ -129,6 +133,9 @@ def train(config: TrainConfig) -> TrainResult:
     skipped, examples = ray.get(counter.report.remote())
     output = RunOutput(model_dir(checkpoint), checkpoint, result.metrics.get("step"), skipped, config_to_dict(config))
     storage.write_text(storage.join(run_dir, METRICS_FILE), metrics_text)
+    kept = [(_checkpoint_uri(c, config.checkpoint.storage_path), int(m.get("step", 0)))
+            for c, m in getattr(result, "best_checkpoints", None) or [] if c.path != result.checkpoint.path]
+    log_to_run(run_dir, checkpoints=[*kept, (checkpoint, int(output.steps or 0))], finished=True)  # links in the tracker
     output.write(run_dir)  # last: a run dir with output.json is a finished run
     if skipped:
         log.warning("rows skipped by the reader: %s (e.g. %s)", skipped, examples)
