@@ -95,18 +95,48 @@ def _sample(logits: torch.Tensor, params: SamplingParams, generator: Optional[to
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def new_row(params: SamplingParams, template_stops: tuple[str, ...]) -> RowState:
+    """A row's decoding state: its sampling settings, its stop strings (the template's and its own), and
+    its own random generator when it samples (seeded by `params.seed`, else from torch's seed)."""
+    generator = None
+    if params.temperature > 0:
+        generator = torch.Generator().manual_seed(params.seed if params.seed is not None else int(torch.seed() % 2**63))
+    return RowState(params, tuple(s for s in (*template_stops, *params.stop) if s), generator)
+
+
+def next_token(logits: torch.Tensor, greedy: int, row: RowState) -> int:
+    """The row's next token: `greedy` (the argmax of its (V,) `logits`, computed batch-wide) at temperature 0,
+    else a sample."""
+    return greedy if row.params.temperature <= 0 else _sample(logits, row.params, row.generator)
+
+
+def advance(row: RowState, token: int, tokenizer, stop_ids: set[int]) -> StepOutput:
+    """Take one sampled token into the row's state; report what can be sent."""
+    row.tokens.append(token)
+    if token in stop_ids:
+        row.finish_reason = "stop"
+    else:
+        text = tokenizer.decode(row.tokens, skip_special_tokens=True)
+        hits = [text.index(s) for s in row.stops if s in text]
+        if hits:
+            text, row.finish_reason = text[: min(hits)], "stop"
+        elif len(row.tokens) >= row.params.max_tokens:
+            row.finish_reason = "length"
+        row.text = text.lstrip()  # answers are stripped: leading space never sent, trailing space held back
+    if row.finish_reason:
+        row.text = row.text.rstrip()
+    end = len(row.text) if row.finish_reason else len(row.text) - _held_back(row.text, row.stops)
+    delta = row.text[row.sent:end] if end > row.sent else ""
+    row.sent = max(row.sent, end)
+    return StepOutput(delta, row.finish_reason, len(row.tokens))
+
+
 class BatchDecoder:
     def __init__(self, model, prompts: list[EncodedPrompt], params: list[SamplingParams]):
         template = get_template(model.config.template)
         self.model = model
         self.stop_ids = set(stop_token_ids(model.tokenizer, template))
-        self.rows = []
-        for p in params:
-            generator = None
-            if p.temperature > 0:
-                generator = torch.Generator().manual_seed(p.seed if p.seed is not None else int(torch.seed() % 2**63))
-            stops = tuple(s for s in (*template.stop_strings, *p.stop) if s)
-            self.rows.append(RowState(p, stops, generator))
+        self.rows = [new_row(p, tuple(template.stop_strings)) for p in params]
         self.prompts = prompts
 
     def _prefill(self):
@@ -117,26 +147,6 @@ class BatchDecoder:
         positions = (attention.cumsum(-1) - 1).clamp(min=0)  # (B, L): padding does not shift positions
         out = model.llm(inputs_embeds=embeds, attention_mask=attention, position_ids=positions, use_cache=True)
         return out.logits[:, -1], out.past_key_values, attention, positions[:, -1:]
-
-    def _advance(self, row: RowState, token: int) -> StepOutput:
-        """Take one sampled token into the row's state; report what can be sent."""
-        row.tokens.append(token)
-        if token in self.stop_ids:
-            row.finish_reason = "stop"
-        else:
-            text = self.model.tokenizer.decode(row.tokens, skip_special_tokens=True)
-            hits = [text.index(s) for s in row.stops if s in text]
-            if hits:
-                text, row.finish_reason = text[: min(hits)], "stop"
-            elif len(row.tokens) >= row.params.max_tokens:
-                row.finish_reason = "length"
-            row.text = text.lstrip()  # answers are stripped: leading space never sent, trailing space held back
-        if row.finish_reason:
-            row.text = row.text.rstrip()
-        end = len(row.text) if row.finish_reason else len(row.text) - _held_back(row.text, row.stops)
-        delta = row.text[row.sent:end] if end > row.sent else ""
-        row.sent = max(row.sent, end)
-        return StepOutput(delta, row.finish_reason, len(row.tokens))
 
     @torch.no_grad()
     def steps(self) -> Iterator[list[Optional[StepOutput]]]:
@@ -154,8 +164,8 @@ class BatchDecoder:
                     next_tokens.append(self.model.tokenizer.pad_token_id)
                     continue
                 try:
-                    token = greedy[i] if row.params.temperature <= 0 else _sample(logits[i], row.params, row.generator)
-                    outputs.append(self._advance(row, token))
+                    token = next_token(logits[i], greedy[i], row)
+                    outputs.append(advance(row, token, self.model.tokenizer, self.stop_ids))
                 except Exception as exc:  # one row's failure ends that row only; the others keep decoding
                     log.exception("decoding row %d failed", i)
                     token, row.finish_reason = self.model.tokenizer.pad_token_id, "error"
