@@ -209,13 +209,17 @@ class Pipeline:
         config_from_dict(job_cls, d).validate()  # fail before anything runs
         return d
 
+    def stage_tracking(self, stage: str) -> TrackingConfig:
+        """Where a training stage logs: its own `tracking` if it sets a backend, else the pipeline's."""
+        own = getattr(self.config, stage).tracking
+        return own if own.enabled else self.config.tracking
+
     def _train(self, stage: str, job_cls, config: dict, inputs: dict, upstream: dict) -> StageRecord:
         def work():
             from llava.training.trainer import train
 
             self.ray()
-            own = getattr(self.config, stage).tracking
-            tracking = config_to_dict(own if own.enabled else self.config.tracking)
+            tracking = config_to_dict(self.stage_tracking(stage))
             result = train(config_from_dict(job_cls, {**config, "tracking": tracking}))
             losses = [m["loss"] for m in result.metrics if "loss" in m]
             return ({"run_dir": result.run_dir, "model": result.model, "checkpoint": result.checkpoint},

@@ -116,6 +116,9 @@ class _BadImageHost(http.server.BaseHTTPRequestHandler):
             __import__("PIL.Image").Image.new("RGB", (8, 8)).save(buffer, format="BMP")
             self._head(len(buffer.getvalue()))
             self.wfile.write(buffer.getvalue())
+        elif self.path == "/good.png":
+            self._head(len(self.image))
+            self.wfile.write(self.image)
         elif self.path == "/bad-length.png":
             self.send_response(200)
             self.send_header("Content-Type", "image/png")
@@ -230,6 +233,19 @@ def test_unknown_routes_wrong_methods_and_the_schema_are_openai_shaped(chat_serv
         headers = {"Authorization": f"Bearer {chat_server.key}", "Content-Type": "text/plain"}
         status, body = _request(chat_server.url + "/v1/chat/completions", b"{}", headers)
         assert_openai_error(status, body, 415, "unsupported_media_type")
+
+
+@pytest.mark.slow
+def test_responses_carry_a_csp_and_the_page_keeps_the_key_for_the_session_only(chat_server):
+    import urllib.request
+
+    with urllib.request.urlopen(chat_server.url + "/", timeout=60) as page:
+        csp, html = page.headers["Content-Security-Policy"], page.read().decode()
+    assert "frame-ancestors 'none'" in csp and "script-src 'sha256-" in csp and "unsafe-inline" not in csp
+    assert "sessionStorage" in html and "localStorage" not in html
+    with urllib.request.urlopen(chat_server.url + "/health", timeout=60) as health:
+        assert health.headers["Content-Security-Policy"] == "default-src 'none'; frame-ancestors 'none'"
+        assert health.headers["X-Content-Type-Options"] == "nosniff"
 
 
 def _request(url: str, data: bytes, headers: dict) -> tuple[int, dict]:
@@ -633,44 +649,139 @@ def test_sigterm_finishes_the_request_in_flight_then_exits_0(tiny_checkpoint, tm
     assert "Traceback" not in stderr, stderr[-3000:]
 
 
+# ---- a replica killed under load ---------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_replica_killed_under_load_fails_only_requests_in_flight_and_is_replaced(chat_server):
+    """2 replicas, 8 streaming clients, `ray.kill` of one replica: only requests in flight at the kill may fail,
+    Serve brings the replica count back to 2, and no request started after that fails."""
+    import openai
+    import ray
+    from ray import serve
+
+    from llava.config import config_to_dict
+    from serve.app import LlavaChat, deployment_options
+
+    options = {**deployment_options(chat_server.config), "autoscaling_config": None, "num_replicas": 2}
+    serve.run(LlavaChat.options(**options).bind(config_to_dict(chat_server.config)), name="killed",
+              route_prefix="/killed", blocking=False)
+    prefix = "SERVE_REPLICA::killed#LlavaChat#"
+
+    def replicas() -> set[str]:
+        return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)}
+
+    def running() -> int:
+        return serve.status().applications["killed"].deployments["LlavaChat"].replica_states.get("RUNNING", 0)
+
+    try:
+        _wait_for(lambda: running() == 2, "2 replicas running")
+        _wait_until_up(chat_server, "/killed/health")
+        client = openai.OpenAI(base_url=f"{chat_server.url}/killed/v1", api_key=chat_server.key, max_retries=0,
+                               timeout=300)
+        stop, records, lock = threading.Event(), [], threading.Lock()  # (started, ended, ok, error)
+
+        def stream_forever(i: int) -> None:
+            while not stop.is_set():
+                started, ok, error = time.monotonic(), False, None
+                try:
+                    chunks = list(client.chat.completions.create(
+                        model="tiny-llava", temperature=0, max_tokens=48, stream=True,
+                        messages=[{"role": "user", "content": f"client {i} keeps asking"}]))
+                    ok = any(c.choices and c.choices[0].finish_reason for c in chunks)
+                except Exception as exc:  # what a killed replica does to a request in flight
+                    error = type(exc).__name__
+                with lock:
+                    records.append((started, time.monotonic(), ok, error))
+
+        threads = [threading.Thread(target=stream_forever, args=(i,), daemon=True) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        _wait_for(lambda: len(records) >= 16, "the clients' first answers")
+        before = replicas()
+        killed_at = time.monotonic()
+        ray.kill(ray.get_actor(sorted(before)[0], namespace="serve"), no_restart=True)
+        _wait_for(lambda: running() == 2 and len(replicas() - before) == 1, "Serve to replace the killed replica")
+        recovered_at = time.monotonic()
+        _wait_for(lambda: sum(1 for r in records if r[0] > recovered_at) >= 24, "answers after the recovery")
+        stop.set()
+        for thread in threads:
+            thread.join(300)
+    finally:
+        serve.delete("killed")
+    failed = [r for r in records if not r[2]]
+    in_flight_at_kill = [r for r in records if r[0] < killed_at < r[1]]
+    after = [r for r in records if r[0] > recovered_at]
+    print(f"replica kill: {len(records)} requests, {len(in_flight_at_kill)} in flight at the kill, {len(failed)} failed "
+          f"({Counter(r[3] for r in failed)}), replaced in {recovered_at - killed_at:.1f} s, "
+          f"{len(after)} after recovery, all ok: {all(r[2] for r in after)}")
+    assert all(r in in_flight_at_kill for r in failed), "only requests in flight at the kill may fail"
+    assert all(r[2] for r in after), "no request started after the recovery may fail"
+
+
+def _wait_for(condition, what: str, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout_s:g} s for {what}")
+        time.sleep(0.5)
+
+
 # ---- fuzzing ------------------------------------------------------------------------------------------------------------
 
 FUZZ_EXAMPLES = 500
 
 
 def _fuzz_strategy(image_host: str):
+    """Request bodies: valid chat requests, valid ones with one field replaced by junk, schema-shaped junk, raw bytes."""
     from hypothesis import strategies as st
 
     leaf = (st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False, allow_infinity=False)
             | st.text(max_size=30))
     junk = st.recursive(leaf, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
                                                                                            max_size=3), max_leaves=8)
-    urls = st.sampled_from([
-        data_url(png(1)), data_url(b"not an image"), "data:image/png;base64,@@@", "data:text/plain;base64,aGk=",
+    good_urls = st.sampled_from([data_url(png(1)), data_url(png(2)), f"{image_host}/good.png"])
+    bad_urls = st.sampled_from([
+        data_url(b"not an image"), "data:image/png;base64,@@@", "data:text/plain;base64,aGk=",
         "http://a:99999/x.png", "http://[::1/x.png", "http://127.0.0.1:1/x.png", "http://[::ffff:127.0.0.1]/x.png",
         "file:///etc/passwd", "ftp://example.com/a.png", "", "http://", f"{image_host}/truncated.png",
         f"{image_host}/bmp.png", f"{image_host}/missing.png", "http://a b/x.png", "http://x/\r\nHost: evil",
     ]) | st.text(max_size=40)
+
+    def image(urls):
+        return st.fixed_dictionaries({"type": st.just("image_url"), "image_url": st.fixed_dictionaries({"url": urls})})
+
     text_part = st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=60)})
-    image_part = st.fixed_dictionaries({"type": st.just("image_url"),
-                                        "image_url": st.fixed_dictionaries({"url": urls}) | urls | junk})
-    content = st.text(max_size=80) | st.lists(text_part | image_part | junk, max_size=4) | junk
-    role = st.sampled_from(["user", "user", "system", "assistant", "tool", "robot"])
-    message = st.fixed_dictionaries({"role": role, "content": content}) | junk
-    body = st.fixed_dictionaries({"model": st.sampled_from(["tiny-llava", "tiny-llava", "tiny-llava", "gpt-9"])}, optional={
-        "messages": st.lists(message, min_size=1, max_size=4) | junk,
-        "max_tokens": st.integers(-2, 4) | junk,
-        "max_completion_tokens": st.integers(-2, 4),
-        "temperature": st.floats(-1, 3, allow_nan=False) | junk,
-        "top_p": st.floats(-1, 2, allow_nan=False) | junk,
-        "stop": st.lists(st.text(max_size=70), max_size=6) | st.text(max_size=70) | junk,
-        "seed": st.integers(-2**65, 2**65) | junk,
-        "stream": st.booleans() | junk,
-        "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}) | junk,
-        "n": st.integers(0, 3) | junk,
+    user_content = st.text(max_size=80) | st.lists(text_part | image(good_urls), min_size=1, max_size=3)
+    valid_message = (st.fixed_dictionaries({"role": st.just("user"), "content": user_content})
+                     | st.fixed_dictionaries({"role": st.sampled_from(["system", "assistant"]),
+                                              "content": st.text(max_size=60)}))
+    last = st.fixed_dictionaries({"role": st.just("user"), "content": user_content})
+    valid = st.fixed_dictionaries({
+        "model": st.just("tiny-llava"),
+        "messages": st.tuples(st.lists(valid_message, max_size=2), last).map(lambda t: [*t[0], t[1]]),
+        "max_tokens": st.integers(1, 4),
+    }, optional={
+        "temperature": st.floats(0, 2), "top_p": st.floats(0.01, 1), "seed": st.integers(0, 2**63 - 1),
+        "stop": st.lists(st.text(min_size=1, max_size=64), max_size=4), "stream": st.booleans(),
+        "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
     })
-    encoded = body.map(lambda b: json.dumps(b).encode())
-    return st.one_of(encoded, encoded, encoded, encoded, st.binary(max_size=120))
+    bad_values = {
+        "model": st.just("gpt-9") | junk, "max_tokens": st.integers(-2**70, 0) | st.integers(513, 2**70) | junk,
+        "temperature": st.floats(2.001, 1e308) | st.floats(-1e308, -0.001) | junk,
+        "top_p": st.floats(-1, 0) | st.floats(1.001, 10) | junk,
+        "seed": st.integers(-2**70, -1) | st.integers(2**63, 2**70) | junk,
+        "stop": st.lists(st.text(max_size=80), min_size=5, max_size=8) | st.just([""]) | st.text(min_size=65) | junk,
+        "stream": junk, "n": st.integers(2, 5) | junk,
+        "messages": junk | st.lists(st.fixed_dictionaries({"role": st.sampled_from(["tool", "robot", "assistant"])
+                                                          | junk, "content": junk}), max_size=3)
+        | st.lists(st.fixed_dictionaries({"role": st.just("user"), "content": st.lists(
+            image(bad_urls) | junk, min_size=1, max_size=3)}), min_size=1, max_size=2),
+    }
+    one_bad_field = st.tuples(valid, st.sampled_from(sorted(bad_values)), st.data()).map(
+        lambda t: {**t[0], t[1]: t[2].draw(bad_values[t[1]])})
+    encode = json.dumps
+    return st.one_of(valid.map(encode), one_bad_field.map(encode), one_bad_field.map(encode),
+                     junk.map(encode), st.binary(max_size=120)).map(lambda b: b if isinstance(b, bytes) else b.encode())
 
 
 @pytest.mark.slow

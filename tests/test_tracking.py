@@ -112,3 +112,19 @@ def test_wandb_offline_run_files(tmp_path, monkeypatch):
     assert logged["config"]["optim.lr"] == 0.002
     assert logged["summary"]["checkpoint"] == f"{run_dir}/checkpoint_2"
     assert logged["summary"]["checkpoints/step_1"] == f"{run_dir}/checkpoint_1"
+
+
+def test_pipeline_gives_both_stages_its_tracking_without_changing_what_they_compute(tmp_path):
+    from jobs.pipeline_runner import DEMO_CONFIG, Pipeline, load_pipeline_config
+    from llava.training.config import PretrainConfig
+
+    def pipeline(*overrides):
+        return Pipeline(load_pipeline_config(str(DEMO_CONFIG), [f"root={tmp_path}", *overrides]))
+
+    tracked = pipeline("tracking.backend=mlflow", "tracking.uri=sqlite:////tmp/x.db", "stage2.tracking.backend=wandb")
+    assert tracked.stage_tracking("stage1").backend == "mlflow" and tracked.stage_tracking("stage1").uri
+    assert tracked.stage_tracking("stage2").backend == "wandb"  # a stage's own section wins
+    assert pipeline().stage_tracking("stage1").backend == "none"
+    wiring = {"data.train": [str(tmp_path / "data")]}
+    assert tracked._train_config("stage1", PretrainConfig, wiring) == pipeline()._train_config(
+        "stage1", PretrainConfig, wiring)  # the manifest's fingerprint: switching tracking re-runs nothing
