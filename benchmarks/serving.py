@@ -1,7 +1,7 @@
 """Serving throughput and latency: our Ray Serve chat endpoint vs. per-request `generate` in one process.
 
     python benchmarks/serving.py [--concurrency 1 4 16] [--requests 48] [--max-tokens 32]
-                                 [--llm-width 128] [--llm-layers 2] [--replicas 1] [--max-batch-size 8]
+                                 [--llm-width 128] [--llm-layers 2] [--replicas 1] [--max-batch-size 16]
                                  [--baseline serial|threads] [--out-dir DIR]
 
 Both sides answer the same requests (a question + one PNG each, greedy: temperature 0, the same
@@ -10,8 +10,8 @@ flags, saved as a llava-ray checkpoint) on this machine:
 
 - ours: `serve.app.run_local` on a local Ray: the `LlavaChat` deployment with a fixed number of
   replicas (autoscaling min = max = --replicas, default 1) of --replica-cpus CPUs each (default: all
-  cores; Ray gives the replica that many torch threads), Serve's dynamic batching (--max-batch-size,
-  --batch-wait-s); clients POST /v1/chat/completions (non-streaming, the image as a base64 data URL)
+  cores; Ray gives the replica that many torch threads), continuous batching (serve/scheduler.py; at most
+  --max-batch-size rows decoded together); clients POST /v1/chat/completions (non-streaming, the image as a base64 data URL)
   over HTTP keep-alive (http.client), one client thread per concurrent client.
 - baseline: the same client threads call, in this process, per request `encode_prompt` (template,
   image preprocessing) + `LlavaModel.generate` on a batch of one (greedy, the template's stop
@@ -129,7 +129,7 @@ class Endpoint:
             model=checkpoint, model_name="bench", port=port, api_key_env=KEY_ENV,
             autoscaling=AutoscalingConfig(min_replicas=args.replicas, max_replicas=args.replicas),
             replica=ReplicaConfig(num_cpus=args.replica_cpus, num_gpus=0, max_ongoing_requests=64),
-            batching=BatchingConfig(max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_s))
+            batching=BatchingConfig(max_batch_size=args.max_batch_size))
         run_local(config)
         self.host, self.port = config.host, config.port
         self.max_tokens = args.max_tokens
@@ -224,8 +224,7 @@ def main() -> None:
     parser.add_argument("--llm-layers", type=int, default=2)
     parser.add_argument("--replicas", type=int, default=1, help="Serve replicas (autoscaling min = max)")
     parser.add_argument("--replica-cpus", type=float, default=float(os.cpu_count() or 1))
-    parser.add_argument("--max-batch-size", type=int, default=8)
-    parser.add_argument("--batch-wait-s", type=float, default=0.02)
+    parser.add_argument("--max-batch-size", type=int, default=16, help="rows the decode loop runs together")
     parser.add_argument("--baseline", choices=["serial", "threads"], default="serial")
     parser.add_argument("--out-dir", default=str(ROOT / ".cache" / "benchmarks" / "serving"))
     args = parser.parse_args()
@@ -262,7 +261,7 @@ def main() -> None:
           f"{args.llm_layers} layers), vicuna_v1, fp32 CPU; greedy, max_tokens {args.max_tokens}; "
           f"{args.requests} requests per level (question + one 48 px PNG each)")
     print(f"ours: Serve, {args.replicas} replica(s) (autoscaling min = max), {args.replica_cpus:g} CPUs / "
-          f"{threads_replica} torch threads each, @serve.batch max {args.max_batch_size}, wait {args.batch_wait_s} s, "
+          f"{threads_replica} torch threads each, continuous batching, at most {args.max_batch_size} rows, "
           f"HTTP non-streaming; baseline: per-request generate (batch of one) in the client process, "
           f"{'one at a time, FIFO' if args.baseline == 'serial' else 'concurrent threads'}, "
           f"{torch.get_num_threads()} torch threads\n")

@@ -4,9 +4,9 @@ One autoscaled deployment (`LlavaChat`) is both the HTTP ingress (FastAPI) and t
 replica. Requests pass the ingress checks (serve.ingress: API key, body limits, JSON off the
 event loop, image downloads on their own pool under one deadline), are validated and prepared
 on their own (serve.protocol, serve.images, serve.engine.prepare on a small decode pool), then
-share forward passes through Serve's dynamic batching (`@serve.batch`, streamed step by step; a
-second batch may start while a long one decodes). A row that fails inside the decode loop fails
-only its own request.
+join the replica's decode loop (serve.scheduler: continuous batching in its own thread; a request
+joins the running rows at the next step and leaves as soon as it is done). A row that fails inside
+the decode loop fails only its own request.
 
     serve run serve/config.yaml          # the Serve config file; `args` are ServeConfig fields
     llava-ray serve --model URI          # the same app on a local Ray
@@ -28,6 +28,7 @@ from fastapi.responses import HTMLResponse, StreamingResponse
 from ray import serve
 
 from llava.config import config_from_dict, config_to_dict
+from llava.decoding import StepOutput
 from serve.config import ServeConfig
 from serve.engine import LlavaEngine, PreparedRequest
 from serve.ingress import Gate, make_api, page_csp
@@ -35,13 +36,11 @@ from serve.protocol import APIError, ChatRequest, chunk_body, completion_body, p
 
 log = logging.getLogger("ray.serve")
 
-MAX_CONCURRENT_BATCHES = 2  # a batch of short requests may start while a long batch is still decoding
-
 app = make_api("llava-ray")
 
 
 def _row_failed(error: str) -> APIError:
-    """A request whose row failed inside the decode loop (the batch's other requests are unaffected)."""
+    """A request whose row failed inside the decode loop (the other rows decoding with it are unaffected)."""
     log.error("a request failed while decoding: %s", error)
     return APIError(500, "internal error while generating the answer", type="server_error")
 
@@ -52,13 +51,11 @@ class LlavaChat:
     def __init__(self, config: dict):
         self.config = config_from_dict(ServeConfig, config)
         self.gate = Gate(self.config)
-        self.engine = LlavaEngine(self.config.model, self.config.limits, self.config.template)
+        self.engine = LlavaEngine(self.config.model, self.config.limits, self.config.template, self.config.batching)
         # tokenising and image decoding, a few at once: bounds the replica's decoding memory (serve/README.md)
         self._prepare_pool = concurrent.futures.ThreadPoolExecutor(self.config.limits.decode_workers,
                                                                    thread_name_prefix="prepare")
         self.created = int(time.time())
-        self._batch.set_max_batch_size(self.config.batching.max_batch_size)
-        self._batch.set_batch_wait_timeout_s(self.config.batching.batch_wait_timeout_s)
         log.info("serving %s as %r (context %d tokens, api key %s)", self.config.model, self.config.model_name,
                  self.engine.context, "required" if self.gate.api_key else "not required")
         if self.gate.api_key is None:
@@ -66,12 +63,24 @@ class LlavaChat:
                         self.config.api_key_env)
 
     # ---- plumbing ------------------------------------------------------------------------------------------------
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02, max_concurrent_batches=MAX_CONCURRENT_BATCHES)
-    async def _batch(self, batch: list[PreparedRequest]) -> AsyncGenerator[list, None]:
-        """Decode the batch step by step; a request whose answer is complete gets StopIteration."""
-        steps = self.engine.decode(batch)
-        while (outputs := await asyncio.to_thread(next, steps, None)) is not None:
-            yield [StopIteration if out is None else out for out in outputs]
+    async def _decode(self, prepared: PreparedRequest, stream: bool) -> AsyncGenerator[StepOutput, None]:
+        """The request's outputs from the decode loop (every step when `stream`, else one at the end). If the
+        caller stops early (the client went away), the row leaves the loop at its next step."""
+        loop, outputs = asyncio.get_running_loop(), asyncio.Queue()
+        row = self.engine.submit(prepared, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out), stream)
+        try:
+            while True:
+                out = await outputs.get()
+                yield out
+                if out.finish_reason:
+                    return
+        finally:
+            row.cancelled = True  # no effect once the row has finished
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()
 
     async def _prepare(self, request: Request) -> tuple[ChatRequest, PreparedRequest]:
         self.gate.authorize(request)
@@ -85,7 +94,7 @@ class LlavaChat:
         yield sse(chunk_body(chat, {"role": "assistant", "content": ""}))
         completion_tokens = 0
         try:
-            async for out in self._batch(prepared):
+            async for out in self._decode(prepared, stream=True):
                 if out.finish_reason == "error":
                     raise _row_failed(out.error)
                 completion_tokens = out.completion_tokens
@@ -117,7 +126,7 @@ class LlavaChat:
         if chat.stream:
             return StreamingResponse(self._stream(chat, prepared), media_type="text/event-stream")
         text, finish_reason, completion_tokens = "", "stop", 0
-        async for out in self._batch(prepared):
+        async for out in self._decode(prepared, stream=False):
             if out.finish_reason == "error":
                 raise _row_failed(out.error)
             text += out.delta

@@ -31,9 +31,14 @@ class ReplicaConfig:
 
 
 @dataclass
-class BatchingConfig:  # Ray Serve's @serve.batch: concurrent requests share forward passes
-    max_batch_size: int = 8
-    batch_wait_timeout_s: float = 0.02  # how long a batch waits to fill up
+class BatchingConfig:  # continuous batching (serve/scheduler.py): requests join the decode loop at any step
+    max_batch_size: int = 16  # rows decoded together per replica; more requests wait for a row to finish
+    prefill_chunk_tokens: int = 256  # a joining prompt is prefilled this many tokens per decode step
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1 or self.prefill_chunk_tokens < 1:
+            raise ValueError(f"batching.max_batch_size and batching.prefill_chunk_tokens must be >= 1, got "
+                             f"{self.max_batch_size} and {self.prefill_chunk_tokens}")
 
 
 @dataclass

@@ -1,25 +1,28 @@
-"""The engine behind the chat API: our LlavaModel in the replica, batched step-wise decoding.
+"""The engine behind the chat API: our LlavaModel in the replica, continuously batched decoding.
 
 `prepare` does everything that can fail because of the request (template, image decoding,
-context length) before the request joins a batch, so one bad request never fails a batch;
-`decode` runs a batch of prepared requests (llava.decoding.BatchDecoder).
+context length) before the request joins the decode loop, so one bad request never reaches it;
+`submit` hands a prepared request to the replica's decode loop (serve.scheduler.Scheduler), where
+it joins the running rows at the next step.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Optional
 
-from llava.decoding import BatchDecoder, SamplingParams, StepOutput
+from llava.decoding import SamplingParams, StepOutput
 from llava.generation import EncodedPrompt
 from llava.image_processing import ImageError, load_pixel_values
 from llava.model_loading import load_model
 from llava.templates import SampleRejected
 from llava.tokenization import tokenize_prompt
-from serve.config import LimitsConfig
+from serve.config import BatchingConfig, LimitsConfig
 from serve.protocol import APIError, ChatRequest
+from serve.scheduler import Row, Scheduler, SchedulerConfig
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +35,15 @@ class PreparedRequest:
 
 
 class LlavaEngine:
-    def __init__(self, model_uri: str, limits: LimitsConfig, template: Optional[str] = None):
+    def __init__(self, model_uri: str, limits: LimitsConfig, template: Optional[str] = None,
+                 batching: Optional[BatchingConfig] = None):
         self.model = load_model(model_uri, template=template)
         self.limits = limits
         self.context = getattr(self.model.llm.config, "max_position_embeddings", None) or self.model.config.max_length
         self.image_config = dataclasses.replace(self.model.config.image, max_pixels=limits.max_image_pixels)
+        batching = batching or BatchingConfig()
+        self.scheduler = Scheduler(self.model, SchedulerConfig(max_rows=batching.max_batch_size,
+                                                               prefill_chunk_tokens=batching.prefill_chunk_tokens))
 
     def prepare(self, request: ChatRequest, images: list[bytes]) -> PreparedRequest:
         """Prompt ids and pixels for one request; raises APIError (400) naming what is wrong."""
@@ -69,6 +76,10 @@ class LlavaEngine:
             sampling = dataclasses.replace(sampling, max_tokens=min(sampling.max_tokens, room))
         return PreparedRequest(EncodedPrompt(ids, pixels), sampling, len(ids))
 
-    def decode(self, batch: list[PreparedRequest]) -> Iterator[list[Optional[StepOutput]]]:
-        decoder = BatchDecoder(self.model, [p.encoded for p in batch], [p.sampling for p in batch])
-        return decoder.steps()
+    def submit(self, prepared: PreparedRequest, emit: Callable[[StepOutput], None], stream: bool) -> Row:
+        """Start decoding `prepared`; `emit` gets its outputs on the decode loop's thread (every step when
+        `stream`, else once at the end). Set the returned row's `cancelled` to stop it early."""
+        return self.scheduler.submit(prepared.encoded, prepared.sampling, emit, stream)
+
+    def close(self) -> None:
+        self.scheduler.close()

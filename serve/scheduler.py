@@ -39,8 +39,9 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -157,8 +158,9 @@ def _left_pad(x: torch.Tensor, columns: int, dim: int) -> torch.Tensor:
 
 
 class Scheduler:
-    def __init__(self, model, config: SchedulerConfig = SchedulerConfig(), start: bool = True):
+    def __init__(self, model, config: Optional[SchedulerConfig] = None, start: bool = True):
         """`start=False`: the loop starts at `start()` (requests submitted before then form its first group)."""
+        config = config or SchedulerConfig()
         if config.max_rows < 1 or config.prefill_chunk_tokens < 1:
             raise ValueError(f"max_rows and prefill_chunk_tokens must be >= 1, got {config.max_rows} and "
                              f"{config.prefill_chunk_tokens}")

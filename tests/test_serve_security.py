@@ -339,8 +339,8 @@ def test_a_row_failing_inside_the_decode_loop_fails_only_its_own_request(chat_se
     from serve.app import deployment_options
     from serve.config import BatchingConfig
 
-    # A batch waits (up to 30 s) until it has 4 requests: the poisoned one is decoded together with 3 normal ones.
-    config = dataclasses.replace(chat_server.config, batching=BatchingConfig(max_batch_size=4, batch_wait_timeout_s=30))
+    # The poisoned request and 3 normal ones are sent together and decode side by side in the one decode loop.
+    config = dataclasses.replace(chat_server.config, batching=BatchingConfig(max_batch_size=4))
     options = {**deployment_options(config), "autoscaling_config": None, "num_replicas": 1}
     deployment = serve.deployment(_poisoning_class(), name="PoisoningChat").options(**options)
     serve.run(deployment.bind(config_to_dict(config)), name="poisoning", route_prefix="/poisoning", blocking=False)
