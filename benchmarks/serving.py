@@ -2,7 +2,7 @@
 
     python benchmarks/serving.py [--concurrency 1 4 16] [--requests 48] [--max-tokens 32]
                                  [--llm-width 128] [--llm-layers 2] [--replicas 1] [--max-batch-size 16]
-                                 [--baseline serial|threads] [--out-dir DIR]
+                                 [--baseline serial|threads] [--torch-threads N] [--out-dir DIR]
 
 Both sides answer the same requests (a question + one PNG each, greedy: temperature 0, the same
 max_tokens) with the same model (the tiny offline models of llava.tiny_models, LLM size from the
@@ -128,7 +128,8 @@ class Endpoint:
         config = ServeConfig(
             model=checkpoint, model_name="bench", port=port, api_key_env=KEY_ENV,
             autoscaling=AutoscalingConfig(min_replicas=args.replicas, max_replicas=args.replicas),
-            replica=ReplicaConfig(num_cpus=args.replica_cpus, num_gpus=0, max_ongoing_requests=64),
+            replica=ReplicaConfig(num_cpus=args.replica_cpus, num_gpus=0, max_ongoing_requests=64,
+                                  torch_threads=args.torch_threads),
             batching=BatchingConfig(max_batch_size=args.max_batch_size))
         run_local(config)
         self.host, self.port = config.host, config.port
@@ -226,12 +227,17 @@ def main() -> None:
     parser.add_argument("--replica-cpus", type=float, default=float(os.cpu_count() or 1))
     parser.add_argument("--max-batch-size", type=int, default=16, help="rows the decode loop runs together")
     parser.add_argument("--baseline", choices=["serial", "threads"], default="serial")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="torch threads on both sides (replica.torch_threads and the baseline process); default: "
+                             "the replica gets --replica-cpus threads, the baseline torch's default")
     parser.add_argument("--out-dir", default=str(ROOT / ".cache" / "benchmarks" / "serving"))
     args = parser.parse_args()
     import logging
 
     import torch
 
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     load_start = os.getloadavg()[0]
     started = time.perf_counter()
@@ -241,7 +247,7 @@ def main() -> None:
     warmup = make_requests(args.requests + 4)[args.requests:]  # not timed, not repeated in the timed set
 
     endpoint = Endpoint(checkpoint, args)
-    threads_replica = replica_threads(args.replica_cpus)
+    threads_replica = args.torch_threads or replica_threads(args.replica_cpus)
     baseline = Baseline(checkpoint, args)
     params = sum(p.numel() for p in baseline.model.parameters())
     results = {}

@@ -23,6 +23,7 @@ import time
 from collections.abc import AsyncGenerator
 from importlib import resources
 
+import torch
 from fastapi import Request
 from fastapi.responses import HTMLResponse, StreamingResponse
 from ray import serve
@@ -51,6 +52,8 @@ class LlavaChat:
     def __init__(self, config: dict):
         self.config = config_from_dict(ServeConfig, config)
         self.gate = Gate(self.config)
+        if self.config.replica.torch_threads:
+            torch.set_num_threads(self.config.replica.torch_threads)
         self.engine = LlavaEngine(self.config.model, self.config.limits, self.config.template, self.config.batching)
         # tokenising and image decoding, a few at once: bounds the replica's decoding memory (serve/README.md)
         self._prepare_pool = concurrent.futures.ThreadPoolExecutor(self.config.limits.decode_workers,

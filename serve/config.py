@@ -22,12 +22,17 @@ class ReplicaConfig:
     num_cpus: float = 1
     num_gpus: Optional[float] = field(default=None, metadata=AUTO)  # None / auto: 1 when the cluster has GPUs, else 0
     max_ongoing_requests: int = 32  # beyond this a replica queues no more; the router sends elsewhere
+    # torch intra-op threads in the replica; None: Ray's default (num_cpus). On CPU a decode step is many small ops,
+    # and on shared or busy cores 1 thread is often faster than several (each op's threads wait for each other)
+    torch_threads: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.num_gpus is not None and self.num_gpus < 0:
             if self.num_gpus != -1:
                 raise ValueError(f"replica.num_gpus must be >= 0, or auto (null), got {self.num_gpus}")
             self.num_gpus = None  # -1: how auto was written before
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError(f"replica.torch_threads must be >= 1, or null (Ray's default), got {self.torch_threads}")
 
 
 @dataclass
