@@ -31,6 +31,7 @@ from llava.config import config_from_dict, config_to_dict
 from serve.config import ServeConfig
 from serve.engine import LlavaEngine, PreparedRequest
 from serve.ingress import Gate, make_api, page_csp
+from serve.metrics import RequestMetrics, observe_batch, stream_error, timed_image_fetch, track_generation
 from serve.protocol import APIError, ChatRequest, chunk_body, completion_body, parse_chat_request, sse, usage
 
 log = logging.getLogger("ray.serve")
@@ -38,6 +39,7 @@ log = logging.getLogger("ray.serve")
 MAX_CONCURRENT_BATCHES = 2  # a batch of short requests may start while a long batch is still decoding
 
 app = make_api("llava-ray")
+app.add_middleware(RequestMetrics)  # Prometheus metrics through Ray Serve (serve/metrics.py)
 
 
 def _row_failed(error: str) -> APIError:
@@ -69,6 +71,7 @@ class LlavaChat:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02, max_concurrent_batches=MAX_CONCURRENT_BATCHES)
     async def _batch(self, batch: list[PreparedRequest]) -> AsyncGenerator[list, None]:
         """Decode the batch step by step; a request whose answer is complete gets StopIteration."""
+        observe_batch(len(batch))
         steps = self.engine.decode(batch)
         while (outputs := await asyncio.to_thread(next, steps, None)) is not None:
             yield [StopIteration if out is None else out for out in outputs]
@@ -77,7 +80,7 @@ class LlavaChat:
         self.gate.authorize(request)
         data = await self.gate.read_json(request)
         chat = await self.gate.run(parse_chat_request, data, self.config.model_name, self.config.limits)
-        images = await self.gate.images(chat.image_urls)
+        images = await timed_image_fetch(self.gate.images(chat.image_urls), len(chat.image_urls))
         prepared = await self.gate.run(self.engine.prepare, chat, images, pool=self._prepare_pool)
         return chat, prepared
 
@@ -85,7 +88,7 @@ class LlavaChat:
         yield sse(chunk_body(chat, {"role": "assistant", "content": ""}))
         completion_tokens = 0
         try:
-            async for out in self._batch(prepared):
+            async for out in track_generation(self._batch(prepared)):
                 if out.finish_reason == "error":
                     raise _row_failed(out.error)
                 completion_tokens = out.completion_tokens
@@ -97,6 +100,7 @@ class LlavaChat:
             if not isinstance(exc, APIError):
                 log.exception("streaming %s failed", chat.id)
                 exc = APIError(500, f"internal error: {type(exc).__name__}", type="server_error")
+            stream_error(exc.code)
             yield sse(exc.body())
         yield sse("[DONE]")
 
@@ -117,7 +121,7 @@ class LlavaChat:
         if chat.stream:
             return StreamingResponse(self._stream(chat, prepared), media_type="text/event-stream")
         text, finish_reason, completion_tokens = "", "stop", 0
-        async for out in self._batch(prepared):
+        async for out in track_generation(self._batch(prepared)):
             if out.finish_reason == "error":
                 raise _row_failed(out.error)
             text += out.delta
