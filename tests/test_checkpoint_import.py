@@ -104,10 +104,12 @@ def write_llava_hf(model, out: Path, naming: str) -> Path:
     """A llava-hf LlavaForConditionalGeneration directory as others release it (no llava-ray metadata file)."""
     from safetensors.torch import load_file
 
+    from llava.artifact_manifest import MANIFEST_FILE
     from llava.export_hf import EXPORT_META_FILE, export_hf
 
     export_hf(model, out)
     (out / EXPORT_META_FILE).unlink()
+    (out / MANIFEST_FILE).unlink()  # nor llava-ray's checksum manifest
     for file in out.glob("*.safetensors"):
         renamed = {}
         for key, value in load_file(str(file)).items():
