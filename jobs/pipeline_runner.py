@@ -38,6 +38,15 @@ log = logging.getLogger(__name__)
 
 DEMO_CONFIG = PRESETS_DIR / "demo" / "pipeline.yaml"
 SPLITS = ("stage1", "stage2", "eval")
+# Config fields that change how a stage runs, not what it computes: recorded, but left out of the stage's
+# fingerprint (jobs/run_manifest.py), so changing one resumes or skips the stage instead of re-running it.
+# The global batch size is kept by gradient accumulation whatever the worker count (optim.global_batch_size).
+TRAINING_OPERATIONAL = ("workers", "log_every_steps", "checkpoint.every_steps", "checkpoint.keep",
+                        "checkpoint.max_failures", "audit_dir", "data.cache", "deepspeed.offload_optimizer",
+                        "deepspeed.offload_params")
+PREPARE_OPERATIONAL = ("ingest.batch_size", "ingest.examples_per_reason", "ingest.shard_mb")
+EVAL_OPERATIONAL = tuple(f"{bench}.infer.{name}" for bench in ("scienceqa", "llava_bench")
+                         for name in ("actors", "gpus_per_actor", "cpus_per_actor", "log_every_s"))
 SOURCE_KINDS = ("digits", "llava-json", "captions", "prepared", "none")
 
 
@@ -193,7 +202,7 @@ class Pipeline:
                 out["base_models"] = {"vision_tower": self.uri("base", "vision"), "llm": self.uri("base", "llm")}
             return out, {"data": {split: _dataset_metrics(m) for split, m in manifests.items()}}
 
-        return self.manifest.run_stage("prepare", config, work)
+        return self.manifest.run_stage("prepare", config, work, operational=PREPARE_OPERATIONAL)
 
     def _train_config(self, stage: str, job_cls, defaults: dict, forced: dict | None = None) -> dict:
         """The stage's resolved training config (plain dict): pipeline wiring where the YAML left fields empty."""
@@ -226,12 +235,13 @@ class Pipeline:
                     {"steps": result.steps, "loss_start": losses[0] if losses else None,
                      "loss_end": losses[-1] if losses else None, "skipped_rows": result.skipped_rows})
 
-        def reset(old: StageRecord) -> None:  # a new config must not resume the old run
-            run_dir = old.outputs.get("run_dir")
-            if run_dir and run_dir.startswith(self.root.rstrip("/") + "/"):
-                storage.remove(run_dir)
+        def reset(old: StageRecord) -> list[str]:  # a new config must not resume the old run: moved aside
+            checkpoint = old.config.get("checkpoint", {})  # also when it was interrupted (no outputs recorded)
+            planned = [storage.join(checkpoint["storage_path"], checkpoint["run_name"])] \
+                if checkpoint.get("storage_path") and checkpoint.get("run_name") else []
+            return [*planned, *([old.outputs["run_dir"]] if old.outputs.get("run_dir") else [])]
 
-        return self.manifest.run_stage(stage, config, work, inputs, upstream, reset)
+        return self.manifest.run_stage(stage, config, work, inputs, upstream, reset, TRAINING_OPERATIONAL)
 
     def _stage1(self) -> StageRecord:
         prep = self.records["prepare"]
@@ -290,7 +300,8 @@ class Pipeline:
             log_to_run(stage2.outputs["run_dir"], numbers, step=stage2.metrics.get("steps") or 0)  # if tracked
             return outputs, metrics
 
-        return self.manifest.run_stage("eval", config, work, {"model": model}, {"stage2": stage2})
+        return self.manifest.run_stage("eval", config, work, {"model": model}, {"stage2": stage2},
+                                       operational=EVAL_OPERATIONAL)
 
     def _export(self) -> StageRecord:
         stage2 = self.records["stage2"]
@@ -303,8 +314,7 @@ class Pipeline:
             from llava.model import LlavaModel
 
             model = LlavaModel.from_pretrained(stage2.outputs["model"])
-            found = {}
-            _write_dir(config["out"], lambda out: found.update(vars(export_hf(model, out))))
+            found = vars(export_hf(model, config["out"]))  # local or s3://, replaced as a whole (old one moved aside)
             return {"path": config["out"]}, {"format": found["format"], "message": found["message"]}
 
         return self.manifest.run_stage("export", config, work, {"model": stage2.outputs["model"]}, {"stage2": stage2})

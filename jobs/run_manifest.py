@@ -5,21 +5,26 @@
                                 work=lambda: (outputs, metrics))
 
 A stage is identified by its fingerprint: a hash of its resolved config, its inputs (the upstream outputs it
-reads) and its upstream stages' fingerprints, so any change propagates downstream. `run_stage` skips a stage
-whose record is complete with the same fingerprint and whose outputs still exist, and runs it otherwise:
-never run, config or inputs changed (`reset` first clears the old outputs), interrupted (status still
-`running`: training stages resume from their newest checkpoint), failed, or outputs gone. The manifest is
-rewritten (atomically for local roots) when a stage starts, ends or fails, so an interrupted run shows it.
+reads) and its upstream stages' fingerprints, so any change propagates downstream. Only fields that can change
+a stage's results enter it: the `operational` ones a stage names (how many workers, how often to log or
+checkpoint, how many checkpoints to keep, ...) are recorded but not fingerprinted, so changing them resumes or
+skips a stage instead of re-running it. `run_stage` skips a stage whose record is complete with the same
+fingerprint and whose outputs still exist, and runs it otherwise: never run, config or inputs changed,
+interrupted (status still `running`: training stages resume from their newest checkpoint), failed, or outputs
+gone. When the fingerprint changed, the previous outputs under the root are moved aside, versioned
+(`<output>.v1`, `.v2`, ...: never deleted) and listed in the record's `superseded`. The manifest is rewritten
+(atomically for local roots) when a stage starts, ends or fails, so an interrupted run shows it.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -35,6 +40,19 @@ RUNNING, COMPLETE, FAILED = "running", "complete", "failed"
 
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def result_fields(config: dict, operational: Iterable[str] = ()) -> dict:
+    """`config` without the `operational` fields (dotted paths, e.g. "workers" or "checkpoint.keep")."""
+    out = copy.deepcopy(config)
+    for path in operational:
+        *parents, last = path.split(".")
+        target = out
+        for part in parents:
+            target = target.get(part) if isinstance(target, dict) else None
+        if isinstance(target, dict):
+            target.pop(last, None)
+    return out
 
 
 def fingerprint(config: Any, inputs: Any = None, upstream: dict[str, str] | None = None) -> str:
@@ -79,6 +97,7 @@ class StageRecord:
     started: Optional[str] = None
     ended: Optional[str] = None
     error: Optional[str] = None
+    superseded: list = field(default_factory=list)  # earlier runs with other results: {fingerprint, ended, moved}
     ran: bool = field(default=False, compare=False)  # this invocation ran it (not stored)
     reason: str = field(default="", compare=False)  # why it ran or was skipped (not stored)
 
@@ -131,17 +150,36 @@ class RunManifest:
             return True, f"outputs missing: {missing[:3]}"
         return False, f"complete since {rec.ended}, same config and inputs"
 
+    def move_aside(self, uris: Iterable[str]) -> dict[str, str]:
+        """Rename each existing URI under the root to `<uri>.v<N>` (the first free N from 1); returns {from: to}.
+        URIs outside the root are the user's and left alone; one inside another moves with it."""
+        prefix = self.root.rstrip("/") + "/"
+        inside = sorted({u.rstrip("/") for u in uris if u.startswith(prefix)})
+        tops = [u for u in inside if not any(u.startswith(o + "/") for o in inside if o != u)]
+        moved = {}
+        for uri in tops:
+            if not storage.exists(uri):
+                continue
+            n = 1
+            while storage.exists(f"{uri}.v{n}"):
+                n += 1
+            storage.move(uri, f"{uri}.v{n}")
+            moved[uri] = f"{uri}.v{n}"
+        return moved
+
     def run_stage(self, name: str, config: dict, work: Callable[[], tuple[dict, dict]], inputs: dict | None = None,
                   upstream: dict[str, StageRecord] | None = None,
-                  reset: Callable[[StageRecord], None] | None = None) -> StageRecord:
+                  reset: Callable[[StageRecord], list[str]] | None = None,
+                  operational: Iterable[str] = ()) -> StageRecord:
         """Run `work() -> (outputs, metrics)` unless the manifest says this exact stage is complete.
 
-        `upstream` (name -> record) feeds the fingerprint; `reset(old_record)` clears a previous run's
-        outputs when the fingerprint changed (e.g. a training run dir, which would otherwise be resumed).
+        `upstream` (name -> record) feeds the fingerprint, `operational` (dotted config paths) stays out of it.
+        When the fingerprint changed, the previous run's outputs are moved aside (:meth:`move_aside`): the URIs
+        `reset(old_record)` returns (e.g. a training run dir, which would otherwise be resumed), else its outputs.
         """
         upstream_fps = {n: r.fingerprint for n, r in (upstream or {}).items()}
         inputs = inputs or {}
-        fp = fingerprint(config, inputs, upstream_fps)
+        fp = fingerprint(result_fields(config, operational), inputs, upstream_fps)
         run, why = self.decide(name, fp)
         old = self.stages.get(name)
         if not run:
@@ -149,11 +187,14 @@ class RunManifest:
             old.ran, old.reason = False, why
             return old
         log.info("stage %s: running, %s", name, why)
-        if reset is not None and old is not None and old.fingerprint != fp:
-            log.info("stage %s: clearing the outputs of its previous config", name)
-            reset(old)
+        superseded = list(old.superseded) if old is not None else []
+        if old is not None and old.fingerprint != fp:
+            moved = self.move_aside(reset(old) if reset is not None else _uris(old.outputs))
+            for uri, to in moved.items():
+                log.info("stage %s: its previous outputs %s moved aside to %s (results change)", name, uri, to)
+            superseded.append({"fingerprint": old.fingerprint, "ended": old.ended, "moved": moved})
         rec = StageRecord(RUNNING, fp, config, inputs, upstream_fps, code_version(), started=now(), ran=True,
-                          reason=why)
+                          reason=why, superseded=superseded)
         self.stages[name] = rec
         self.save()
         try:

@@ -4,18 +4,21 @@ The exported directory (model + processor with image processor, tokenizer and ch
 template) loads with `AutoProcessor` + `LlavaForConditionalGeneration.from_pretrained`
 and is the format vLLM / SGLang serve. Only `mlp2x_gelu` (LLaVA-1.5) maps onto HF's
 `multi_modal_projector` (linear_1 -> GELU -> linear_2); other projectors are exported
-in our own checkpoint format, and the result says so.
+in our own checkpoint format, and the result says so. The destination (local or s3://) is replaced as a
+whole and gets a checksum manifest (llava/artifact_manifest.py), which loaders verify.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from llava.artifact_manifest import clear_destination, publish, write_manifest
 from llava.chat_template import build_chat_template, text_after_bos
 from llava.config import ImageConfig, ModelConfig, config_to_dict
 from llava.templates import get_template
@@ -190,18 +193,38 @@ it: then pad the image yourself (a square canvas of colour {fill}, the image cen
 
 
 def export_hf(model, out: str | Path) -> ExportResult:
-    """Write `out` as a stock HF Llava directory, or in our format when the projector has no HF twin."""
+    """Write `out` (a local directory or s3:// prefix) as a stock HF Llava directory, or in our format when the
+    projector has no HF twin.
+
+    The destination is replaced as a whole: a previous export there is removed first (marked incomplete while
+    this one is written), never mixed with the new files; a non-empty destination that is not a previous
+    llava-ray artifact is refused. `_checksums.json`, written last, lists every file with its sha256."""
+    from llava import storage
+
+    out = str(out)
+    if storage.is_s3(out):
+        with tempfile.TemporaryDirectory(prefix="llava-export-") as tmp:
+            fmt = _write_export(model, Path(tmp))
+            publish(tmp, out)
+    else:
+        fmt = _write_export(model, clear_destination(out))
+    if fmt == "llava-ray":
+        message = (f"projector {model.config.projector.type!r} has no LlavaForConditionalGeneration equivalent "
+                   f"(only mlp2x_gelu does): wrote a llava-ray checkpoint to {out} instead")
+        log.warning(message)
+    else:
+        message = f"wrote a LlavaForConditionalGeneration + LlavaProcessor directory to {out}"
+        log.info(message)
+    return ExportResult(out, fmt, message)
+
+
+def _write_export(model, out: Path) -> str:
+    """Write the export into the empty local directory `out`, its manifest last; returns its format."""
     from transformers import LlavaForConditionalGeneration
 
-    out = Path(out)
     if model.config.projector.type != "mlp2x_gelu":
-        model.save_pretrained(out, llm=True, vision=True)
-        message = (
-            f"projector {model.config.projector.type!r} has no LlavaForConditionalGeneration equivalent "
-            f"(only mlp2x_gelu does): wrote a llava-ray checkpoint to {out} instead"
-        )
-        log.warning(message)
-        return ExportResult(str(out), "llava-ray", message)
+        model.save_pretrained(out, llm=True, vision=True)  # writes its manifest
+        return "llava-ray"
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     hf_model = LlavaForConditionalGeneration(hf_llava_config(model)).to(next(model.parameters()).dtype)
     missing, unexpected = hf_model.load_state_dict(to_hf_state_dict(state), strict=False)
@@ -215,6 +238,5 @@ def export_hf(model, out: str | Path) -> ExportResult:
     (out / "README.md").write_text(export_readme(model))
     (out / EXPORT_META_FILE).write_text(json.dumps({"template": model.config.template,
                                                    "model": config_to_dict(model.config)}, indent=2))
-    message = f"wrote a LlavaForConditionalGeneration + LlavaProcessor directory to {out}"
-    log.info(message)
-    return ExportResult(str(out), "hf-llava", message)
+    write_manifest(out)
+    return "hf-llava"

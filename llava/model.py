@@ -11,6 +11,8 @@ On-disk format of a checkpoint directory (see `save_pretrained`; the names are i
     llm/                    HF causal LM + tokenizer, when saved (stage 2); else the base `config.llm` is used
     llm_adapter/            peft LoRA adapter of the LLM (LoRA stage 2); merged into the LLM on load
     vision/                 HF CLIP vision model, when saved; else the base `config.vision_tower` is used
+    _checksums.json         every file above with its size and sha256, written last and verified on load
+                            (llava/artifact_manifest.py)
 """
 
 from __future__ import annotations
@@ -24,12 +26,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from llava.artifact_manifest import verify_or_warn, write_manifest
 from llava.config import ModelConfig, config_from_dict, config_to_dict
 from llava.projectors import build_projector, num_image_tokens
 from llava.run_format import ADAPTER_DIR, CONFIG_FILE, FORMAT_VERSION, LLM_DIR, PROJECTOR_FILE, VISION_DIR
 from llava.tokenization import image_token_id, load_tokenizer, prepare_tokenizer
 
 log = logging.getLogger(__name__)
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's name; its pickled adapter_model.bin is refused
 
 
 def _from_pretrained(cls, path: str, **kwargs):
@@ -118,6 +123,7 @@ class LlavaModel(nn.Module):
         config_file = path / CONFIG_FILE
         if not config_file.exists():
             raise FileNotFoundError(f"{path} is not a llava-ray checkpoint: {CONFIG_FILE} is missing")
+        verify_or_warn(path, "checkpoint")  # every file against its sha256 before any is read
         saved = json.loads(config_file.read_text())
         unknown = set(overrides) - {"template", "max_length", "image"}
         if unknown:
@@ -133,7 +139,10 @@ class LlavaModel(nn.Module):
         if (path / ADAPTER_DIR).is_dir():  # LoRA stage 2: merge the adapter into the base LLM
             from peft import PeftModel
 
-            llm = PeftModel.from_pretrained(llm, str(path / ADAPTER_DIR)).merge_and_unload()
+            adapter = path / ADAPTER_DIR
+            if not (adapter / ADAPTER_WEIGHTS).is_file():  # peft reads it first, else falls back to a pickled .bin
+                raise FileNotFoundError(f"{adapter}: no {ADAPTER_WEIGHTS} (LoRA adapters load from safetensors only)")
+            llm = PeftModel.from_pretrained(llm, str(adapter)).merge_and_unload()
             log.info("merged the LoRA adapter %s into the LLM", path / ADAPTER_DIR)
         projector = build_projector(config.projector, vision.config.hidden_size, llm.get_input_embeddings().embedding_dim)
         projector.load_state_dict(load_file(str(path / PROJECTOR_FILE)))
@@ -155,7 +164,7 @@ class LlavaModel(nn.Module):
         save_file(projector, str(path / PROJECTOR_FILE))
         if llm and hasattr(self.llm, "peft_config"):
             self.llm.save_pretrained(path / ADAPTER_DIR, state_dict=_split_state_dict(state_dict, "llm."),
-                                     save_embedding_layers=False)
+                                     save_embedding_layers=False, safe_serialization=True)
         elif llm:
             self.llm.save_pretrained(path / LLM_DIR, state_dict=_split_state_dict(state_dict, "llm."), safe_serialization=True)
             self.tokenizer.save_pretrained(path / LLM_DIR)
@@ -164,6 +173,7 @@ class LlavaModel(nn.Module):
                                               safe_serialization=True)
         meta = {"format_version": FORMAT_VERSION, "model": config_to_dict(self.config), "num_image_tokens": self.num_image_tokens}
         (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+        write_manifest(path)  # last: every file with its sha256, checked on load
         return path
 
     # ---- forward ----------------------------------------------------------------------------

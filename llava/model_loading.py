@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from llava import storage
+from llava.artifact_manifest import publish, verify_or_warn, write_manifest
 from llava.checkpoint_import import (LLAVA_RAY, CheckpointError, describe, detect_layout, import_checkpoint,
                                      load_component, read_projector_weights)
 from llava.config import ModelConfig, config_from_dict
@@ -68,6 +69,7 @@ def load_checkpoint(uri: str, dtype: torch.dtype = torch.float32, **overrides):
     if layout == LLAVA_RAY:
         return LlavaModel.from_pretrained(uri, dtype=dtype, **overrides)
     local = storage.local_copy(uri) if storage.is_s3(uri) else uri
+    verify_or_warn(local, f"{layout} checkpoint")  # our exports carry a checksum manifest; others load with a warning
     parts = import_checkpoint(local, template=overrides.pop("template", None))
     config = dataclasses.replace(parts.config, **overrides)
     log.info("imported the %s checkpoint %s (template %s)", layout, uri, config.template)
@@ -123,11 +125,10 @@ def import_for_training(uri: str, out: str, template: str | None = None) -> str:
     config.vision_tower, config.llm, config.tokenizer = (storage.join(out, VISION_DIR), storage.join(out, LLM_DIR),
                                                          storage.join(out, LLM_DIR))
     with tempfile.TemporaryDirectory() as tmp:
-        local = out if not storage.is_s3(out) else tmp
-        model.save_pretrained(local, llm=True, vision=True)
-        if storage.is_s3(out):
-            storage.upload_dir(tmp, out)
-    storage.write_text(marker, json.dumps({"source": uri}))
+        model.save_pretrained(tmp, llm=True, vision=True)
+        Path(tmp, IMPORT_SOURCE_FILE).write_text(json.dumps({"source": uri}))
+        write_manifest(tmp)  # the marker is part of the checkpoint: listed too
+        publish(tmp, out)  # replaces `out` as a whole, manifest last
     log.info("converted %s into the llava-ray checkpoint %s", uri, out)
     return out
 

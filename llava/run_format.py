@@ -13,6 +13,7 @@ A training run dir, `<checkpoint.storage_path>/<checkpoint.run_name>` (local or 
         hf/                        HF_DIR: the model as a llava-ray checkpoint dir (below)
         train_state.json           STATE_FILE: epoch, optimizer step, sample ids consumed this epoch
         metrics.jsonl              METRICS_FILE: the metrics up to this checkpoint
+        _checksums.rank<R>-of-<W>.json  each worker's files with their sha256, verified before a resume
 
 A llava-ray checkpoint dir (llava.model.LlavaModel.save_pretrained / from_pretrained):
 
@@ -21,6 +22,7 @@ A llava-ray checkpoint dir (llava.model.LlavaModel.save_pretrained / from_pretra
     llm/                         LLM_DIR: HF causal LM + tokenizer, when saved (stage 2); else the base `model.llm`
     llm_adapter/                 ADAPTER_DIR: peft LoRA adapter of the LLM (LoRA stage 2), merged on load
     vision/                      VISION_DIR: HF CLIP vision model, when saved; else the base `model.vision_tower`
+    _checksums.json              every file above with its sha256, written last (llava/artifact_manifest.py)
 """
 
 from __future__ import annotations

@@ -331,8 +331,11 @@ def _copy_many(pairs: list[tuple[str, str]]) -> None:
 def local_copy(uri: str, cache_dir: str | None = None) -> str:
     """A local path holding ``uri``: a local path is returned as is (absolute); an S3 file or prefix is
     mirrored to ``<cache_dir>/s3/<bucket>/<key>`` (``cache_dir`` default: ``$LLAVA_RAY_CACHE`` or
-    ``~/.cache/llava-ray``). Files whose size already matches are not downloaded again; local files the
-    prefix no longer holds are removed. Use it to ``from_pretrained`` a model stored in S3."""
+    ``~/.cache/llava-ray``). A prefix with a checksum manifest (a llava-ray checkpoint or export,
+    llava.artifact_manifest) is mirrored as exactly the files it lists, a cached file kept only when its
+    sha256 matches the manifest (a re-export of the same size is downloaded again); other prefixes keep
+    files whose size matches. Local files the mirror should not hold are removed. Use it to
+    ``from_pretrained`` a model stored in S3 (loaders then verify the copy against its manifest)."""
     if not is_s3(uri):
         path = filesystem(uri)[1]
         if not os.path.exists(path):
@@ -344,10 +347,15 @@ def local_copy(uri: str, cache_dir: str | None = None) -> str:
     if ".." in key.split("/") or any(".." in rel.split("/") for rel in remote):
         raise StorageError(f"{uri}: a key with a '..' segment cannot be mirrored to a local path")
     target = os.path.join(os.path.abspath(os.path.expanduser(root)), "s3", bucket, *filter(None, key.split("/")))
+    listed = _listed_files(uri, remote)
+    if listed is not None:  # a llava-ray artifact: exactly the files its manifest lists, compared by sha256
+        remote = {rel: size for rel, size in remote.items() if rel in listed or _is_manifest(rel)}
     todo = []
     for rel, size in remote.items():
         local = os.path.join(target, rel) if rel else target
         if not (os.path.isfile(local) and os.path.getsize(local) == size):
+            todo.append((join(uri, rel), local))
+        elif listed is not None and (_is_manifest(rel) or _sha256(local) != listed[rel]):
             todo.append((join(uri, rel), local))
     with _errors(target):
         if "" not in remote and os.path.isdir(target):  # drop what the prefix no longer holds
@@ -356,6 +364,36 @@ def local_copy(uri: str, cache_dir: str | None = None) -> str:
                     os.remove(os.path.join(target, rel))
     _copy_many(todo)
     return target
+
+
+def _is_manifest(rel: str) -> bool:
+    from llava.artifact_manifest import is_manifest_name
+
+    return is_manifest_name(rel)
+
+
+def _sha256(path: str) -> str:
+    from llava.artifact_manifest import sha256_file
+
+    return sha256_file(path)
+
+
+def _listed_files(uri: str, remote: dict[str, int]) -> dict[str, str] | None:
+    """``{path: sha256}`` that the checksum manifests at the top of the prefix list (llava.artifact_manifest),
+    or None when it has none. An incomplete manifest (being rewritten) or a listed file missing is refused."""
+    from llava.artifact_manifest import ManifestError, combine
+
+    names = [rel for rel in remote if rel and _is_manifest(rel)]
+    if not names:
+        return None
+    try:
+        listed = combine({rel: read_text(join(uri, rel)) for rel in names}, uri)
+    except ManifestError as error:
+        raise StorageError(str(error)) from error
+    missing = sorted(rel for rel in listed if rel not in remote)
+    if missing:
+        raise StorageError(f"{uri}: {missing[0]} is listed in its manifest but missing")
+    return {rel: entry.sha256 for rel, entry in listed.items()}
 
 
 def upload_dir(local_dir: str, uri: str) -> None:
@@ -395,6 +433,24 @@ def size(uri: str) -> int:
         if info.type != pafs.FileType.File:
             raise FileNotFoundError(path)
         return info.size
+
+
+def move(src_uri: str, dst_uri: str) -> None:
+    """Rename a file or directory/prefix to a URI that does not exist yet (local: one rename; S3: each object
+    copied server-side, then deleted). Both on the same filesystem."""
+    if is_s3(src_uri) != is_s3(dst_uri):
+        raise StorageError(f"{src_uri} -> {dst_uri}: cannot move between local storage and S3")
+    if exists(dst_uri):
+        raise StorageError(f"{dst_uri}: already exists, not moving {src_uri} onto it")
+    fs, src = filesystem(src_uri)
+    dst = filesystem(dst_uri)[1]
+    with _errors(src_uri):
+        if not is_s3(src_uri):
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            os.rename(src, dst)
+            return
+        for rel in _files(src_uri):
+            fs.move(join(src, rel), join(dst, rel))
 
 
 def remove(uri: str) -> None:

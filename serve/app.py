@@ -33,11 +33,13 @@ from llava.decoding import StepOutput
 from serve.config import ServeConfig
 from serve.engine import LlavaEngine, PreparedRequest
 from serve.ingress import Gate, make_api, page_csp
+from serve.metrics import RequestMetrics, observe_batch, stream_error, timed_image_fetch, track_generation
 from serve.protocol import APIError, ChatRequest, chunk_body, completion_body, parse_chat_request, sse, usage
 
 log = logging.getLogger("ray.serve")
 
 app = make_api("llava-ray")
+app.add_middleware(RequestMetrics)  # Prometheus metrics through Ray Serve (serve/metrics.py)
 
 
 def _row_failed(error: str) -> APIError:
@@ -54,7 +56,8 @@ class LlavaChat:
         self.gate = Gate(self.config)
         if self.config.replica.torch_threads:
             torch.set_num_threads(self.config.replica.torch_threads)
-        self.engine = LlavaEngine(self.config.model, self.config.limits, self.config.template, self.config.batching)
+        self.engine = LlavaEngine(self.config.model, self.config.limits, self.config.template, self.config.batching,
+                                  on_step=observe_batch)
         # tokenising and image decoding, a few at once: bounds the replica's decoding memory (serve/README.md)
         self._prepare_pool = concurrent.futures.ThreadPoolExecutor(self.config.limits.decode_workers,
                                                                    thread_name_prefix="prepare")
@@ -67,7 +70,8 @@ class LlavaChat:
 
     # ---- plumbing ------------------------------------------------------------------------------------------------
     async def _decode(self, prepared: PreparedRequest, stream: bool) -> AsyncGenerator[StepOutput, None]:
-        """The request's outputs from the decode loop (every step when `stream`, else one at the end). If the
+        """The request's outputs from the decode loop (every step when `stream`, else the first token, then the
+        rest at the end). If the
         caller stops early (the client went away), the row leaves the loop at its next step."""
         loop, outputs = asyncio.get_running_loop(), asyncio.Queue()
         row = self.engine.submit(prepared, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out), stream)
@@ -89,7 +93,7 @@ class LlavaChat:
         self.gate.authorize(request)
         data = await self.gate.read_json(request)
         chat = await self.gate.run(parse_chat_request, data, self.config.model_name, self.config.limits)
-        images = await self.gate.images(chat.image_urls)
+        images = await timed_image_fetch(self.gate.images(chat.image_urls), len(chat.image_urls))
         prepared = await self.gate.run(self.engine.prepare, chat, images, pool=self._prepare_pool)
         return chat, prepared
 
@@ -97,7 +101,7 @@ class LlavaChat:
         yield sse(chunk_body(chat, {"role": "assistant", "content": ""}))
         completion_tokens = 0
         try:
-            async for out in self._decode(prepared, stream=True):
+            async for out in track_generation(self._decode(prepared, stream=True)):
                 if out.finish_reason == "error":
                     raise _row_failed(out.error)
                 completion_tokens = out.completion_tokens
@@ -109,6 +113,7 @@ class LlavaChat:
             if not isinstance(exc, APIError):
                 log.exception("streaming %s failed", chat.id)
                 exc = APIError(500, f"internal error: {type(exc).__name__}", type="server_error")
+            stream_error(exc.code)
             yield sse(exc.body())
         yield sse("[DONE]")
 
@@ -129,7 +134,7 @@ class LlavaChat:
         if chat.stream:
             return StreamingResponse(self._stream(chat, prepared), media_type="text/event-stream")
         text, finish_reason, completion_tokens = "", "stop", 0
-        async for out in self._decode(prepared, stream=False):
+        async for out in track_generation(self._decode(prepared, stream=False)):
             if out.finish_reason == "error":
                 raise _row_failed(out.error)
             text += out.delta

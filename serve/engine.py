@@ -36,14 +36,15 @@ class PreparedRequest:
 
 class LlavaEngine:
     def __init__(self, model_uri: str, limits: LimitsConfig, template: Optional[str] = None,
-                 batching: Optional[BatchingConfig] = None):
+                 batching: Optional[BatchingConfig] = None, on_step: Optional[Callable[[int], None]] = None):
         self.model = load_model(model_uri, template=template)
         self.limits = limits
         self.context = getattr(self.model.llm.config, "max_position_embeddings", None) or self.model.config.max_length
         self.image_config = dataclasses.replace(self.model.config.image, max_pixels=limits.max_image_pixels)
         batching = batching or BatchingConfig()
         self.scheduler = Scheduler(self.model, SchedulerConfig(max_rows=batching.max_batch_size,
-                                                               prefill_chunk_tokens=batching.prefill_chunk_tokens))
+                                                               prefill_chunk_tokens=batching.prefill_chunk_tokens),
+                                   on_step=on_step)
 
     def prepare(self, request: ChatRequest, images: list[bytes]) -> PreparedRequest:
         """Prompt ids and pixels for one request; raises APIError (400) naming what is wrong."""
@@ -78,7 +79,7 @@ class LlavaEngine:
 
     def submit(self, prepared: PreparedRequest, emit: Callable[[StepOutput], None], stream: bool) -> Row:
         """Start decoding `prepared`; `emit` gets its outputs on the decode loop's thread (every step when
-        `stream`, else once at the end). Set the returned row's `cancelled` to stop it early."""
+        `stream`, else the first token and then the rest at the end). Set the returned row's `cancelled` to stop it early."""
         return self.scheduler.submit(prepared.encoded, prepared.sampling, emit, stream)
 
     def close(self) -> None:

@@ -151,6 +151,12 @@ def _messages(data: dict, limits: LimitsConfig) -> tuple[list[dict], list[str]]:
                 if IMAGE_TOKEN in part["text"]:
                     raise APIError(400, f"messages[{i}] contains the reserved marker {IMAGE_TOKEN}: send images as "
                                    "image_url content parts", param=f"messages[{i}].content", code="invalid_value")
+                if not part["text"].isascii():
+                    try:
+                        part["text"].encode("utf-8")
+                    except UnicodeEncodeError as exc:  # JSON "\ud800" escapes give lone surrogates: not text
+                        raise APIError(400, f"messages[{i}] contains invalid Unicode (a lone surrogate)",
+                                       param=f"messages[{i}].content", code="invalid_value") from exc
                 chars += len(part["text"])
                 if chars > limits.max_text_chars:
                     raise APIError(400, f"the messages have more than {limits.max_text_chars} characters of text",

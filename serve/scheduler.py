@@ -27,7 +27,7 @@ with one row (its sampling, its image features) ends that row alone with finish_
 a forward pass that raises fails only the rows that were in it, and the loop goes on.
 
 Results come back through each row's `emit` callback, called on the loop thread (the serving app
-hands them to its event loop); non-streaming rows emit once, at the end. `Scheduler.step`,
+hands them to its event loop); non-streaming rows emit twice: their first token and, at the end, the rest. `Scheduler.step`,
 `Row.joined_step` / `first_token_step` / `finished_step` and `Row.prefill_chunks` count what the
 loop did (tests assert on them; they are cheap).
 
@@ -105,7 +105,7 @@ class Row:
     encoded: EncodedPrompt
     state: RowState
     emit: Callable[[StepOutput], None]  # called on the loop thread with each output (or only the last)
-    stream: bool = True  # False: emit once, at the end, with the whole answer as the delta
+    stream: bool = True  # False: emit the first output (time to first token) and then one at the end
     cancelled: bool = False  # set from any thread (the client went away): the row leaves at the next step
     joined_step: Optional[int] = None  # the step whose prefill ended this row's group (it decodes from the next)
     first_token_step: Optional[int] = None
@@ -118,7 +118,7 @@ class Row:
             self.first_token_step = step
         if out.finish_reason:
             self.finished_step = step
-        if self.stream:
+        if self.stream or out.completion_tokens <= 1 or out.error:
             self.emit(out)
             return
         self._text.append(out.delta)
@@ -158,8 +158,10 @@ def _left_pad(x: torch.Tensor, columns: int, dim: int) -> torch.Tensor:
 
 
 class Scheduler:
-    def __init__(self, model, config: Optional[SchedulerConfig] = None, start: bool = True):
-        """`start=False`: the loop starts at `start()` (requests submitted before then form its first group)."""
+    def __init__(self, model, config: Optional[SchedulerConfig] = None, start: bool = True,
+                 on_step: Optional[Callable[[int], None]] = None):
+        """`start=False`: the loop starts at `start()` (requests submitted before then form its first group).
+        `on_step` is called on the loop thread with the number of rows of every decode step (metrics)."""
         config = config or SchedulerConfig()
         if config.max_rows < 1 or config.prefill_chunk_tokens < 1:
             raise ValueError(f"max_rows and prefill_chunk_tokens must be >= 1, got {config.max_rows} and "
@@ -171,6 +173,7 @@ class Scheduler:
         self.device = next(model.parameters()).device
         new_cache(model.llm.config)  # refuses unsupported cache layouts now, not at the first request
         self.step = 0  # loop iterations that did any work
+        self.on_step = on_step
         self._queue: deque[Row] = deque()
         self._wake = threading.Condition()
         self._group: Optional[_Group] = None
@@ -339,6 +342,8 @@ class Scheduler:
         live = [i for i, row in enumerate(batch.rows) if not row.cancelled]
         if len(live) < len(batch.rows) and not self._drop(live):
             return
+        if self.on_step:
+            self.on_step(len(batch.rows))
         tokens = torch.tensor(batch.tokens, device=self.device).unsqueeze(1)  # (B, 1)
         batch.attention = torch.cat([batch.attention, torch.ones_like(tokens)], dim=1)  # (B, T + 1)
         try:

@@ -24,10 +24,14 @@ import pytest  # noqa: E402
 pytest_plugins = ["tests.s3_server", "tests.serve_fixtures"]  # real S3 server; the chat API on Ray Serve
 
 
+# Tests that use these fixtures, directly or through other fixtures, are `slow` (see pyproject.toml): a local Ray
+# cluster takes tens of seconds to start and warm up on 2 cores, and its jobs seconds each; the Serve app more.
+SLOW_FIXTURES = {"ray_local", "chat_server"}
+
+
 def pytest_collection_modifyitems(items):
-    """Every test on the live chat API (the `chat_server` fixture: a Ray of its own + Ray Serve) is `slow`."""
     for item in items:
-        if "chat_server" in getattr(item, "fixturenames", ()):
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
 
 

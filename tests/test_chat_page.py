@@ -89,7 +89,8 @@ def browser():
 
 @pytest.fixture
 def page(browser, chat_server):
-    context = browser.new_context(viewport={"width": 1000, "height": 800})  # fresh localStorage per test
+    # fresh sessionStorage per test; the page's CSP stays on (no eval: wait_for_function gets functions, not expressions)
+    context = browser.new_context(viewport={"width": 1000, "height": 800})
     context.set_default_timeout(TIMEOUT_MS)
     page = context.new_page()
     page.add_init_script(TEE_FETCH)
@@ -114,7 +115,7 @@ def send(page, text: str):
     page.fill("#text", text)
     page.click("#send")
     page.wait_for_function(  # an answer finished streaming, or an error bubble replaced the failed turn
-        f"document.querySelectorAll('.msg.error').length > {errors} || "
+        f"() => document.querySelectorAll('.msg.error').length > {errors} || "
         f"document.querySelectorAll(\".msg.assistant[data-state='done']\").length > {answers}")
     if page.locator(".msg.error").count() > errors:
         return page.locator(".msg.error").last
@@ -122,7 +123,7 @@ def send(page, text: str):
 
 
 def streams(page) -> list[dict]:
-    page.wait_for_function("window.__chatStreams.every(s => s.done)")
+    page.wait_for_function("() => window.__chatStreams.every(s => s.done)")
     return page.evaluate("window.__chatStreams")
 
 
@@ -154,7 +155,7 @@ def test_page_streams_a_real_answer_about_an_uploaded_image(page, chat_server, t
     question = "What is shown in the image?"
 
     enter_key(page, chat_server.key)
-    page.wait_for_function("document.getElementById('model').textContent === 'tiny-llava'")
+    page.wait_for_function("() => document.getElementById('model').textContent === 'tiny-llava'")
     attach_image(page, image_path)
     page.screenshot(path=str(tmp_path / "before.png"), full_page=True)
 
@@ -214,7 +215,7 @@ def test_wrong_api_key_shows_an_error_and_the_server_still_answers(page, chat_se
     image_path.write_bytes(png(8, 40))
 
     enter_key(page, "not-the-key")
-    page.wait_for_function("document.getElementById('model').textContent.includes('API key')")
+    page.wait_for_function("() => document.getElementById('model').textContent.includes('API key')")
     attach_image(page, image_path)
     error = send(page, "Describe the image.")
     assert "error" in error.get_attribute("class") and error.get_attribute("data-state") == "error"
@@ -232,7 +233,7 @@ def test_wrong_api_key_shows_an_error_and_the_server_still_answers(page, chat_se
         "messages": [{"role": "user", "content": "Hello"}]})
     assert status == 200 and reply["choices"][0]["message"]["role"] == "assistant", reply
     enter_key(page, chat_server.key)
-    page.wait_for_function("document.getElementById('model').textContent === 'tiny-llava'")
+    page.wait_for_function("() => document.getElementById('model').textContent === 'tiny-llava'")
     answer = send(page, "Hello")
     assert page.locator(".msg.error").count() == 1  # only the earlier one
     assert answer.get_attribute("data-state") == "done"

@@ -104,10 +104,12 @@ def write_llava_hf(model, out: Path, naming: str) -> Path:
     """A llava-hf LlavaForConditionalGeneration directory as others release it (no llava-ray metadata file)."""
     from safetensors.torch import load_file
 
+    from llava.artifact_manifest import MANIFEST_FILE
     from llava.export_hf import EXPORT_META_FILE, export_hf
 
     export_hf(model, out)
     (out / EXPORT_META_FILE).unlink()
+    (out / MANIFEST_FILE).unlink()  # nor llava-ray's checksum manifest
     for file in out.glob("*.safetensors"):
         renamed = {}
         for key, value in load_file(str(file)).items():
@@ -455,6 +457,9 @@ def test_llava_hf_model_lora_finetune_export_serve_answer_through_openai(sources
         assert not torch.equal(logits(tuned.eval()), logits(source))  # the adapter changed the model
 
         assert export_hf(tuned, tmp_path / "export").format == "hf-llava"
+        ray.shutdown()  # serve on a fresh Ray whose workers skip the training imports (as tests/serve_fixtures.py)
+        os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")  # a busy 2-core machine starts slowly
+        init_ray(num_cpus=4, preload_imports=False)
         config = ServeConfig(model=str(tmp_path / "export"), model_name="tuned", port=free_port(),
                              api_key_env="LLAVA_RAY_TEST_NO_KEY",
                              autoscaling=AutoscalingConfig(min_replicas=1, max_replicas=1),
@@ -471,5 +476,6 @@ def test_llava_hf_model_lora_finetune_export_serve_answer_through_openai(sources
         answer = response.choices[0].message.content
         assert answer and answer == greedy_decode(exported, [prompt], max_new_tokens=8)[0]
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()

@@ -318,6 +318,7 @@ def test_prepare_command_line(ray_local, tmp_path, capsys):
     assert printed["out"]["rows"] == 1 and printed["out"]["skipped"] == {"image_count_mismatch": 1}
 
 
+@pytest.mark.slow  # the prepare command in its own process, on a local Ray of its own
 def test_prepare_captions_to_s3_with_an_explicit_endpoint(s3_server, tmp_path):
     """The installed CLI in a fresh process, told the endpoint only by --s3-endpoint."""
     import os

@@ -53,8 +53,8 @@ def test_greedy_decode_in_left_padded_batches_equals_hf_generate_one_by_one(mode
     from llava.decoding import greedy_decode
     from llava.generation import encode_prompt
 
-    prompts = _prompts() * 2  # batch_size 4: a full batch of mixed lengths, then a batch of 2
-    answers = greedy_decode(model, [encode_prompt(model, p) for p in prompts], max_new_tokens=9, batch_size=4)
+    prompts = _prompts()  # batch_size 2: a batch of two prompts of different lengths, then a batch of one
+    answers = greedy_decode(model, [encode_prompt(model, p) for p in prompts], max_new_tokens=9, batch_size=2)
     assert answers == [hf_greedy_answer(model, p, max_new_tokens=9) for p in prompts]
     assert greedy_decode(model, [], max_new_tokens=9) == []
     with pytest.raises(ValueError, match="max_new_tokens and batch_size must be >= 1"):

@@ -124,6 +124,7 @@ def test_scienceqa_metrics_by_context_subject_and_grade():
     assert [p["parsed"] for p in predictions] == ["A", "C", "C", "FAILED"]
 
 
+@pytest.mark.slow  # the eval command in its own process, on a local Ray of its own
 def test_eval_scienceqa_cli_on_the_released_layout(tiny_checkpoint, tmp_path):
     data = tmp_path / "scienceqa"
     problems = {

@@ -41,11 +41,13 @@ def test_a_checkpoint_in_s3_loads_with_the_same_outputs(model, tiny_checkpoint, 
 
 
 def test_an_hf_export_without_readable_weights_is_refused(model, tmp_path):
+    from llava.artifact_manifest import MANIFEST_FILE
     from llava.checkpoint_import import CheckpointError
     from llava.export_hf import export_hf
     from llava.model_loading import load_model
 
     export_hf(model, tmp_path / "export")
+    (tmp_path / "export" / MANIFEST_FILE).unlink()  # as a llava-hf directory from elsewhere: no checksum manifest
     (tmp_path / "export" / "model.safetensors").rename(tmp_path / "export" / "pytorch_model.bin")  # no pickle inside
     with pytest.raises(CheckpointError, match=r"refused .*pytorch_model\.bin: not a plain-tensor torch checkpoint"):
         load_model(str(tmp_path / "export"))

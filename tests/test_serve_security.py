@@ -200,6 +200,8 @@ MALFORMED = {
     "deep nesting": (b'{"model": "tiny-llava", "x": ' + b"[" * 40 + b"]" * 40 + b"}", 400, "invalid_json"),
     "very deep nesting": (b'{"model": "tiny-llava", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400,
                           "invalid_json"),
+    "a lone surrogate": (b'{"model": "tiny-llava", "messages": [{"role": "user", "content": "\\ud800 hi"}]}', 400,
+                         "invalid_value"),
     "NaN": (b'{"model": "tiny-llava", "temperature": NaN, "messages": []}', 400, "invalid_json"),
     "not UTF-8": (b'{"model": "\xff\xfe"}', 400, "invalid_json"),
     "a TIFF image": (user({"type": "image_url", "image_url": {"url": data_url(b"II*\x00" + b"\x00" * 64)}}, TEXT),
@@ -750,7 +752,8 @@ def _fuzz_strategy(image_host: str):
     def image(urls):
         return st.fixed_dictionaries({"type": st.just("image_url"), "image_url": st.fixed_dictionaries({"url": urls})})
 
-    text_part = st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=60)})
+    any_text = st.text(max_size=60) | st.text(st.characters(categories=["Cs", "Cc", "Zs", "Lo"]), max_size=8)
+    text_part = st.fixed_dictionaries({"type": st.just("text"), "text": any_text})
     user_content = st.text(max_size=80) | st.lists(text_part | image(good_urls), min_size=1, max_size=3)
     valid_message = (st.fixed_dictionaries({"role": st.just("user"), "content": user_content})
                      | st.fixed_dictionaries({"role": st.sampled_from(["system", "assistant"]),

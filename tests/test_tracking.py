@@ -72,6 +72,7 @@ def test_tensorboard_restart_drops_steps_after_the_checkpoint(tmp_path):
     assert tensorboard_scalars(run.location)["train/loss"] == {1: 1.0, 2: 2.0, 3: 30.0}
 
 
+@pytest.mark.slow  # MLflow creates its database schema; W&B starts its service per run
 def test_mlflow_sqlite_store(tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -93,6 +94,7 @@ def test_mlflow_sqlite_store(tmp_path):
     assert start_run(config, run_dir, str(tmp_path / "runs"), "s1", PARAMS).run_id == run.run_id  # resume: same run
 
 
+@pytest.mark.slow  # MLflow creates its database schema; W&B starts its service per run
 def test_mlflow_defaults_to_a_database_under_the_storage_path(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run = start_run(TrackingConfig(backend="mlflow"), str(tmp_path / "r"), str(tmp_path), "r", PARAMS)
@@ -101,6 +103,7 @@ def test_mlflow_defaults_to_a_database_under_the_storage_path(tmp_path, monkeypa
         start_run(TrackingConfig(backend="mlflow"), "s3://b/runs/r", "s3://b/runs", "r", PARAMS)
 
 
+@pytest.mark.slow  # MLflow creates its database schema; W&B starts its service per run
 def test_wandb_offline_run_files(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     run_dir = str(tmp_path / "runs" / "stage1")

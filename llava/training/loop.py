@@ -16,6 +16,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
+from llava.artifact_manifest import write_manifest
 from llava.config import config_from_dict
 from llava.data.reader import Batch, LengthGroupedBatcher
 from llava.run_format import DS_DIR, DS_TAG, HF_DIR
@@ -23,7 +24,7 @@ from llava.tokenization import IGNORE_INDEX
 from llava.training.config import TrainConfig
 from llava.training.engine import StepPlan, build_engine, build_model, component_checksums, full_state_dict
 from llava.training.health import StepHealth
-from llava.training.state import IntervalMetrics, SampleRecorder, TrainState, gather_ids
+from llava.training.state import IntervalMetrics, SampleRecorder, TrainState, gather_ids, verify_resume
 from llava.training.tracking import TrackingRun
 
 log = logging.getLogger("llava.train")
@@ -172,6 +173,7 @@ class WorkerLoop:
                 self.state.save(directory)
                 if self.config.audit_dir:
                     self.recorder.checksums(self.state.step, component_checksums(weights))
+            write_manifest(directory, part=(self.rank, dist.get_world_size()))  # this rank's files, verified on resume
             metrics = {"step": self.state.step, "epoch": self.state.epoch,
                        **({"loss": self.state.metrics[-1]["loss"]} if self.state.metrics else {})}
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
@@ -182,6 +184,7 @@ class WorkerLoop:
     def _restore(self, checkpoint) -> None:
         with checkpoint.as_directory() as tmp:
             directory = Path(tmp)
+            verify_resume(directory)  # every file against its sha256 before DeepSpeed unpickles anything
             self.engine.load_checkpoint(str(directory / DS_DIR), tag=DS_TAG, load_module_strict=False)
             self.state = TrainState.load(directory)
         if self.rank == 0:

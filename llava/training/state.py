@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from llava.artifact_manifest import MANIFEST_FILE, NoManifestError, verify
 from llava.run_format import METRICS_FILE, STATE_FILE
 
 
@@ -38,6 +39,21 @@ class TrainState:
         metrics_file = directory / METRICS_FILE
         metrics = [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.exists() else []
         return cls(state["epoch"], state["step"], set(state["consumed"]), metrics)
+
+
+def verify_resume(directory: Path) -> None:
+    """Refuse to resume from a checkpoint whose files do not match their manifests (each training worker
+    lists its own files, llava/artifact_manifest.py): DeepSpeed's load_checkpoint unpickles the optimizer
+    state with torch.load(weights_only=False), so a planted or modified file would run code. A checkpoint
+    written before manifests existed is refused too, with how to vouch for it."""
+    try:
+        verify(directory)
+    except NoManifestError as error:
+        raise NoManifestError(
+            f"refusing to resume from {directory}: it has no checksum manifest (written before llava-ray verified "
+            f"checkpoints), and DeepSpeed would unpickle its files unchecked. If you trust it, write one with "
+            f"`python -m llava.artifact_manifest write <checkpoint dir>` (it adds {MANIFEST_FILE}), then resume"
+        ) from error
 
 
 def gather_ids(local_ids: list[str]) -> set[str]:
