@@ -217,14 +217,15 @@ class MlflowLogger(RunLogger):
     def create(run: TrackingRun) -> str:
         from mlflow.tracking import MlflowClient
 
+        db_dir = os.path.dirname(run.location[len("sqlite:///"):]) if run.location.startswith("sqlite:///") else None
+        if db_dir:
+            os.makedirs(db_dir, exist_ok=True)  # a first run: the storage path does not exist yet
         client = MlflowClient(tracking_uri=run.location)
         experiment = client.get_experiment_by_name(run.project)
         if experiment is not None:
             experiment_id = experiment.experiment_id
         else:  # a local database keeps its artifacts next to it (else they land in the worker's cwd)
-            local_db = run.location.startswith("sqlite:///")
-            artifacts = os.path.join(os.path.dirname(run.location[len("sqlite:///"):]), "mlartifacts") if local_db \
-                else None
+            artifacts = os.path.join(db_dir, "mlartifacts") if db_dir else None
             experiment_id = client.create_experiment(run.project, artifact_location=artifacts)
         return client.create_run(experiment_id, run_name=run.run_name, tags=run.tags).info.run_id
 
