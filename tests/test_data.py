@@ -550,9 +550,9 @@ def test_a_mixed_file_skips_only_the_rows_with_escaping_or_oversized_images(ray_
                        "bucket": True, "multi": True, "big": "image_too_large"}
 
 
-def test_question_files_confine_image_paths_too(ray_local, tmp_path):
+def test_question_files_confine_image_paths_too(tmp_path):
     from llava.data.image_refs import ImageRefRejected
-    from llava.inference.questions import question_dataset, question_images
+    from llava.inference.questions import jsonl_questions, question_images
 
     (tmp_path / "q").mkdir()
     (tmp_path / "q" / "a.png").write_bytes(png("red"))
@@ -562,7 +562,7 @@ def test_question_files_confine_image_paths_too(ray_local, tmp_path):
     (tmp_path / "q" / "questions.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
 
     def outcomes(**kwargs):
-        rows = question_dataset(str(tmp_path / "q" / "questions.jsonl"), **kwargs).take_all()
+        rows = jsonl_questions(str(tmp_path / "q" / "questions.jsonl"), **kwargs)
         result = {}
         for row in sorted(rows, key=lambda r: r["index"]):
             try:

@@ -135,6 +135,18 @@ def read_question_shards(batch: pa.Table, access: ImageAccess) -> Iterator[pa.Ta
         yield pa.Table.from_pylist(rows, schema=QUESTION_SCHEMA)
 
 
+def _access(uri: str, images_root: Optional[str], allow_outside_root: bool) -> ImageAccess:
+    """Image paths resolve under `images_root`, default: the questions file's directory (or the dataset)."""
+    if images_root is None:
+        images_root = uri.rsplit("/", 1)[0] if uri.endswith((".jsonl", ".json", ".parquet")) else uri
+    return ImageAccess(images_root, allow_outside_root)
+
+
+def jsonl_questions(uri: str, images_root: Optional[str] = None, allow_images_outside_root: bool = False) -> list[dict]:
+    """The QUESTION_SCHEMA rows of a JSONL question file (what `question_dataset` serves for one)."""
+    return _jsonl_rows(str(uri), _access(str(uri), images_root, allow_images_outside_root))
+
+
 def question_dataset(uri: str, images_root: Optional[str] = None,
                      allow_images_outside_root: bool = False) -> ray.data.Dataset:
     """A Ray Dataset of QUESTION_SCHEMA rows from a JSONL file or parquet file(s).
@@ -143,9 +155,7 @@ def question_dataset(uri: str, images_root: Optional[str] = None,
     parquet dataset directory); see llava.data.image_refs for what is refused.
     """
     uri = str(uri)
-    if images_root is None:
-        images_root = uri.rsplit("/", 1)[0] if uri.endswith((".jsonl", ".json", ".parquet")) else uri
-    access = ImageAccess(images_root, allow_images_outside_root)
+    access = _access(uri, images_root, allow_images_outside_root)
     if uri.endswith((".jsonl", ".json")):
         return ray.data.from_arrow(pa.Table.from_pylist(_jsonl_rows(uri, access), schema=QUESTION_SCHEMA))
     shards = [uri] if uri.endswith(".parquet") else shard_uris(uri)
