@@ -22,12 +22,14 @@ The clients are optional dependencies: `pip install "llava-ray[tracking]"`.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from typing import Any, Optional
 
 from llava import storage
@@ -260,6 +262,7 @@ class WandbLogger(RunLogger):
         import wandb
 
         os.makedirs(run.location, exist_ok=True)
+        _wait_for_a_new_second(run.location, run.run_id)
         self.wandb_run = wandb.init(project=run.project, name=run.run_name, id=run.run_id, resume="allow",
                                     dir=run.location, tags=[f"{k}:{v}" if v else k for k, v in run.tags.items()],
                                     mode=run.mode or None, reinit="create_new")
@@ -276,3 +279,10 @@ class WandbLogger(RunLogger):
 
     def close(self, finished: bool = False) -> None:
         self.wandb_run.finish()
+
+
+def _wait_for_a_new_second(root: str, run_id: str) -> None:
+    """W&B names a run's local dir by its start second and id (`wandb/offline-run-<YYYYmmdd_HHMMSS>-<id>`): a
+    second segment of the same run started within the same second would reuse, and overwrite, the first's."""
+    while glob.glob(os.path.join(root, "wandb", f"*run-{datetime.now():%Y%m%d_%H%M%S}-{run_id}")):
+        time.sleep(0.1)
