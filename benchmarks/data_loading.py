@@ -447,7 +447,7 @@ def main() -> None:
     t0 = time.perf_counter()
     manifest = prepare_llava_json(str(json_path), str(images_dir), str(parquet))
     ingest_s = time.perf_counter() - t0
-    shard_mb = sum(p.stat().st_size for p in parquet.glob("*.parquet")) / 1e6
+    shard_mb = sum(p.stat().st_size for p in parquet.rglob("*.parquet")) / 1e6
     print(f"ray: started in {ray_start:.1f}s with num_cpus={args.ray_cpus}")
     print(f"ingestion (prepare_llava_json, once, not in the throughput): {ingest_s:.1f}s for {manifest.rows} rows "
           f"-> {len(manifest.shards)} shard(s), {shard_mb:.1f} MB; skipped {manifest.skipped or 'none'}")

@@ -182,15 +182,16 @@ class Pipeline:
             digits = [split for split, s in sources.items() if s.kind == "digits"]
             if digits:
                 log.info("prepare: digits data set -> %s", self.uri("data"))
-                built = prepare_digits(self.uri("data"), sources[digits[0]].seed, c.ingest)
+                built = prepare_digits(self.uri("data"), sources[digits[0]].seed, c.ingest, overwrite=True)
                 manifests.update({split: built[split] for split in digits})
             for split, s in sources.items():
                 if s.kind == "llava-json":
-                    manifests[split] = prepare_llava_json(s.json, s.images, outputs[split], s.source, c.ingest)
+                    manifests[split] = prepare_llava_json(s.json, s.images, outputs[split], s.source, c.ingest,
+                                                          overwrite=True)  # a re-run replaces the data as a whole
                 elif s.kind == "captions":
                     manifests[split] = prepare_captions(s.pairs, s.images, outputs[split], s.seed,
                                                         s.source or "captions", s.image_column, s.caption_column,
-                                                        c.ingest)
+                                                        c.ingest, overwrite=True)
                 elif s.kind == "prepared" and storage.exists(storage.join(s.uri, "_manifest.json")):
                     manifests[split] = Manifest.read(s.uri)
             out = {"data": {k: v for k, v in outputs.items() if v}}

@@ -35,7 +35,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -230,46 +229,6 @@ def clear_destination(out: str | Path) -> Path:
         if path.name != MANIFEST_FILE:
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     return out
-
-
-def publish(local_dir: str | Path, uri: str) -> None:
-    """Replace the directory or S3 prefix `uri` with `local_dir` (which has its manifest): the old
-    content is marked incomplete and removed first, the manifest(s) uploaded last, so a reader sees the
-    old artifact, a refusal, or the new artifact, never a mix."""
-    from llava import storage
-
-    local_dir = Path(local_dir)
-    read_local(local_dir)  # it has a complete manifest
-    files = _relative_files(local_dir)
-    data_files = [rel for rel in files if not is_manifest_name(rel)]
-    manifests = [rel for rel in files if is_manifest_name(rel)]
-    if not storage.is_s3(uri):
-        target = clear_destination(storage.filesystem(uri)[1])
-        for rel in data_files + manifests:  # the manifests last
-            (target / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(local_dir / rel, target / rel)
-        return
-    existing = storage.list_files(uri) if storage.exists(uri) else []
-    names = [u[len(uri.rstrip("/")) + 1:] for u in existing]
-    if names and not _holds_manifest(names):
-        raise ManifestError(f"{uri}: not empty and not a previous llava-ray artifact (no {MANIFEST_FILE}): "
-                            f"refusing to overwrite it; choose an empty or new prefix")
-    if names:
-        storage.write_text(storage.join(uri, MANIFEST_FILE), incomplete_manifest())  # readers refuse it from here on
-        for name in names:
-            if name != MANIFEST_FILE:
-                storage.remove(storage.join(uri, name))
-    with tempfile.TemporaryDirectory() as staging:  # the data files (hard links where possible), then the manifests
-        for rel in data_files:
-            Path(staging, rel).parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(local_dir / rel, Path(staging, rel))
-            except OSError:
-                shutil.copyfile(local_dir / rel, Path(staging, rel))
-        if data_files:
-            storage.upload_dir(staging, uri)
-    for rel in manifests:
-        storage.write_bytes(storage.join(uri, rel), (local_dir / rel).read_bytes())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from llava.artifact_manifest import clear_destination, publish, write_manifest
+from llava.artifact_manifest import clear_destination, write_manifest
+from llava.artifact_publish import publish
 from llava.chat_template import build_chat_template, text_after_bos
 from llava.config import ImageConfig, ModelConfig, config_to_dict
 from llava.templates import get_template

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from llava import storage
-from llava.artifact_manifest import publish, verify_or_warn, write_manifest
+from llava.artifact_manifest import verify_or_warn, write_manifest
+from llava.artifact_publish import publish
 from llava.checkpoint_import import (LLAVA_RAY, CheckpointError, describe, detect_layout, import_checkpoint,
                                      load_component, read_projector_weights)
 from llava.config import ModelConfig, config_from_dict

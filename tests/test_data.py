@@ -2,6 +2,8 @@
 
 import io
 import json
+import os
+import random
 from collections import Counter
 
 import pyarrow.parquet as pq
@@ -92,7 +94,7 @@ def test_llava_json_from_and_to_s3_skips_and_counts_bad_rows(ray_local, s3_serve
         refs = [refs] if isinstance(refs, str) else (refs or [])
         assert (row["images"] or []) == [files[r] for r in refs]  # bytes round-trip exactly
         assert row["source"] == "llava_instruct"
-    assert not storage.exists(f"{out_uri}/_staging/chunk-00000.parquet")  # staging removed
+    assert not [u for u in storage.list_files(out_uri) if "/staging/" in u]  # staging removed
 
 
 def test_ray_data_reads_the_s3_dataset(ray_local, s3_server, base_models):
@@ -104,8 +106,9 @@ def test_ray_data_reads_the_s3_dataset(ray_local, s3_server, base_models):
     samples, files, good, _ = llava_fixture(f"{bucket}/img")
     storage.write_text(f"{bucket}/d.json", json.dumps(samples))
     prepare_llava_json(f"{bucket}/d.json", f"{bucket}/img", f"{bucket}/out", config=IngestConfig(max_pixels=30_000))
-    fs, path = storage.filesystem(f"{bucket}/out")
-    ds = ray.data.read_parquet(path, filesystem=fs, columns=["id", "images"])
+    shards = shard_uris(f"{bucket}/out")  # the shards the manifest lists
+    fs, _ = storage.filesystem(f"{bucket}/out")
+    ds = ray.data.read_parquet([storage.filesystem(s)[1] for s in shards], filesystem=fs, columns=["id", "images"])
     assert sorted(r["id"] for r in ds.take_all()) == sorted(good)
     # the training reader reads the same shards from the bucket
     ready = model_ready_dataset([f"{bucket}/out"], digits_model_config(base_models), 16).take_all()
@@ -342,3 +345,231 @@ def test_prepare_captions_to_s3_with_an_explicit_endpoint(s3_server, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout)["out"]["rows"] == 3
     assert Manifest.read(f"{bucket}/stage1").rows == 3
+
+
+# ---- idempotent datasets: a whole new version or nothing, never appended to -----------------------------
+
+
+def _attempt_dirs(out_uri):
+    return sorted({u.split("/_attempts/")[1].split("/")[0] for u in storage.list_files(out_uri) if "/_attempts/" in u})
+
+
+def _ids(out_uri):
+    ids = []
+    for shard in shard_uris(out_uri):
+        fs, path = storage.filesystem(shard)
+        ids += pq.read_table(path, filesystem=fs, columns=["id"]).column("id").to_pylist()
+    return ids
+
+
+def test_prepare_twice_refuses_then_replaces_with_the_same_rows(ray_local, tmp_path):
+    from llava.data.publish import DatasetExistsError
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(12):
+        (images / f"{i}.png").write_bytes(png((i * 20, 0, 0)))
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps({"image": f"{i}.png", "caption": f"c{i}"}) for i in range(12)))
+    out = str(tmp_path / "out")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.parquet.txt").write_text("the user's own file")
+    first = prepare_captions(str(tmp_path / "pairs.jsonl"), str(images), out)
+    rows = read_dataset(out)
+    assert first.rows == len(rows) == 12 and len(_attempt_dirs(out)) == 1
+
+    with pytest.raises(DatasetExistsError, match="out: already holds a dataset \\(12 rows.*--overwrite"):
+        prepare_captions(str(tmp_path / "pairs.jsonl"), str(images), out)
+    second = prepare_captions(str(tmp_path / "pairs.jsonl"), str(images), out, overwrite=True)
+    assert second.rows == 12 and sorted(_ids(out)) == sorted(rows)  # the same rows, once
+    assert read_dataset(out) == rows
+    assert _attempt_dirs(out) == [second.extra["attempt"]] != [first.extra["attempt"]]  # the old version is gone
+    assert (tmp_path / "out" / "notes.parquet.txt").read_text() == "the user's own file"  # not ours: kept
+
+
+def test_a_dataset_in_the_old_layout_is_replaced_not_mixed(ray_local, tmp_path):
+    """Shards directly in the directory (before attempts existed) are read through their manifest, and a
+    new version removes them."""
+    import pyarrow as pa
+
+    from llava.data.schema import SCHEMA
+
+    out = tmp_path / "old"
+    out.mkdir()
+    row = {"id": "old-1", "images": None, "image_paths": None, "conversations": json.dumps(turn("Hi", "Hello.")),
+           "source": "old"}
+    pq.write_table(pa.Table.from_pylist([row], schema=SCHEMA), out / "part-0.parquet")
+    Manifest(rows=1, skipped={}, sources=["x"], shards=["part-0.parquet"]).write(str(out))
+    assert _ids(str(out)) == ["old-1"]
+    (tmp_path / "d.json").write_text(json.dumps([{"id": "new-1", "conversations": turn("Hey", "Yo.")}]))
+    prepare_llava_json(str(tmp_path / "d.json"), str(tmp_path), str(out), overwrite=True)
+    assert _ids(str(out)) == ["new-1"] and not (out / "part-0.parquet").exists()
+
+
+def _blocking_captions(tmp_path):
+    """Captions in 4 parquet files (4 Ray tasks), 10 rows each, ~200 KB images so that a 1 MB shard holds 5
+    rows; the last row's image is a FIFO no one writes to: reading it blocks its task until the kill, while
+    the other tasks write their shards."""
+    import pyarrow as pa
+
+    images = tmp_path / "images"
+    images.mkdir()
+    noise = Image.frombytes("RGB", (256, 256), bytes(random.Random(0).getrandbits(8) for _ in range(256 * 256 * 3)))
+    noise.save(images / "noise.png")
+    os.mkfifo(images / "slow.png")
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    for f in range(4):
+        rows = [{"id": f"{f}-{i}", "image": "slow.png" if (f, i) == (3, 9) else "noise.png", "caption": f"noise {f} {i}"}
+                for i in range(10)]
+        pq.write_table(pa.Table.from_pylist(rows), pairs / f"part-{f}.parquet")
+    return images, pairs
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_prepare_killed_mid_write_and_rerun_has_every_row_once(where, ray_local, s3_server, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from llava.data.prepare import prepare_captions
+
+    images, pairs = _blocking_captions(tmp_path)
+    out = str(tmp_path / "out") if where == "local" else s3_server.make_bucket() + "/data/captions"
+    exe = Path(sys.executable).parent / "llava-ray"
+    log = open(tmp_path / "prepare.log", "w+")
+    proc = subprocess.Popen([str(exe), "prepare", "captions", "--pairs", str(pairs), "--images", str(images),
+                             "--out", out, "--shard-mb", "1"], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+    def written_shards():
+        try:
+            return [u for u in storage.list_files(out, suffix=".parquet") if "/shards/" in u]
+        except storage.StorageError:
+            return []
+
+    try:
+        deadline = time.monotonic() + 600
+        while not written_shards():
+            assert proc.poll() is None, f"prepare exited early:\n{log.seek(0) or log.read()[-3000:]}"
+            assert time.monotonic() < deadline, f"no shard written:\n{log.seek(0) or log.read()[-3000:]}"
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole job at once, like a lost machine
+        proc.wait()
+        try:  # release a reader still blocked on the FIFO, if any survived
+            os.close(os.open(images / "slow.png", os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+    killed = _attempt_dirs(out)
+    assert len(killed) == 1 and written_shards()  # shards were written ...
+    assert not storage.exists(storage.join(out, "_manifest.json"))  # ... but never published
+    with pytest.raises(FileNotFoundError):
+        shard_uris(out)  # so no reader sees them
+
+    os.remove(images / "slow.png")
+    (images / "slow.png").write_bytes((images / "noise.png").read_bytes())
+    manifest = prepare_captions(str(pairs), str(images), out, config=IngestConfig(shard_mb=1))  # no --overwrite needed
+    ids = _ids(out)
+    assert manifest.rows == len(ids) == 40 and len(set(ids)) == 40 and manifest.skipped == {}
+    assert _attempt_dirs(out) == [manifest.extra["attempt"]] and killed[0] < manifest.extra["attempt"]
+
+
+# ---- confined inputs: image paths stay under --images, reads are capped --------------------------------
+
+
+def test_image_paths_must_stay_inside_the_images_root(tmp_path):
+    from llava.data.image_refs import ImageAccess, ImageRefRejected
+
+    root = str(tmp_path / "images")
+    local = ImageAccess(root)
+    assert local.resolve("coco/a.jpg") == f"{root}/coco/a.jpg"
+    assert local.resolve("coco/../gqa/./b.png") == f"{root}/gqa/b.png"
+    assert local.resolve(f"{root}/c.png") == f"{root}/c.png"  # absolute but inside
+    s3 = ImageAccess("s3://bkt/images/")
+    assert s3.resolve("coco/a.jpg") == "s3://bkt/images/coco/a.jpg"
+    assert s3.resolve("s3://bkt/images/x/../y.png") == "s3://bkt/images/y.png"
+    outside = [(local, "/etc/passwd"), (local, "/dev/zero"), (local, "../secret.png"), (local, "a/../../b.png"),
+               (local, "s3://other/x.png"), (local, "~/x.png"), (local, f"{root}2/x.png"), (local, "."),
+               (s3, "../x.png"), (s3, "s3://other-bucket/images/x.png"), (s3, "s3://bkt/images2/x.png"),
+               (s3, "/etc/passwd"), (s3, "s3://bkt/images/../private/k.png"), (ImageAccess(None), "a.png")]
+    for access, ref in outside:
+        with pytest.raises(ImageRefRejected, match="^image_outside_root: ") as error:
+            access.resolve(ref)
+        assert error.value.reason == "image_outside_root", ref
+    allowed = ImageAccess(root, allow_outside_root=True)
+    assert allowed.resolve("/etc/passwd") == "/etc/passwd" and allowed.resolve("s3://o/x") == "s3://o/x"
+    with pytest.raises(ImageRefRejected, match="image_too_large: /dev/zero: more than 1000 bytes"):
+        ImageAccess(root, True, max_bytes=1000).read("/dev/zero")
+
+
+def test_a_mixed_file_skips_only_the_rows_with_escaping_or_oversized_images(ray_local, s3_server, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "ok.png").write_bytes(png("red"))
+    (images / "big.png").write_bytes(png("blue", (300, 300)) + b"\0" * 5000)  # over the 4000-byte cap
+    (tmp_path / "secret.png").write_bytes(png("green"))
+    bucket = s3_server.make_bucket()
+    storage.write_bytes(f"{bucket}/elsewhere.png", png("white"))
+    q = "<image>\nColor?"
+    samples = [
+        {"id": "ok", "image": "ok.png", "conversations": turn(q, "Red.")},
+        {"id": "ok-text", "conversations": turn("Hi", "Hello.")},
+        {"id": "abs", "image": str(tmp_path / "secret.png"), "conversations": turn(q, "Green.")},
+        {"id": "dotdot", "image": "../secret.png", "conversations": turn(q, "Green.")},
+        {"id": "zero", "image": "/dev/zero", "conversations": turn(q, "?")},
+        {"id": "bucket", "image": f"{bucket}/elsewhere.png", "conversations": turn(q, "White.")},
+        {"id": "multi", "image": ["ok.png", "../secret.png"], "conversations": turn("<image> <image>", "Two.")},
+        {"id": "big", "image": "big.png", "conversations": turn(q, "Blue.")},
+    ]
+    (tmp_path / "d.json").write_text(json.dumps(samples))
+    config = IngestConfig(max_image_bytes=4000)
+    confined = prepare_llava_json(str(tmp_path / "d.json"), str(images), str(tmp_path / "a"), config=config)
+    assert set(read_dataset(str(tmp_path / "a"))) == {"ok", "ok-text"}
+    assert confined.skipped == {"image_outside_root": 5, "image_too_large": 1}
+    assert Manifest.read(str(tmp_path / "a")).skipped == confined.skipped
+
+    # The explicit opt-out follows every path as given; /dev/zero still stops at the byte cap.
+    from llava.data.image_refs import ImageAccess
+    from llava.data.ingest import skip_reason, validate_row
+    from llava.image_processing import ImageError
+    from llava.templates import SampleRejected
+
+    opened = ImageAccess(str(images), allow_outside_root=True, max_bytes=4000)
+    outcome = {}
+    for sample in samples:
+        refs = sample.get("image")
+        raw = {"id": sample["id"], "image_refs": [refs] if isinstance(refs, str) else refs, "images": None,
+               "conversations": json.dumps(sample["conversations"]), "source": "d"}
+        try:
+            outcome[sample["id"]] = bool(validate_row(raw, opened, 64_000_000))
+        except (SampleRejected, ImageError) as error:
+            outcome[sample["id"]] = skip_reason(error)
+    assert outcome == {"ok": True, "ok-text": True, "abs": True, "dotdot": True, "zero": "image_too_large",
+                       "bucket": True, "multi": True, "big": "image_too_large"}
+
+
+def test_question_files_confine_image_paths_too(tmp_path):
+    from llava.data.image_refs import ImageRefRejected
+    from llava.inference.questions import jsonl_questions, question_images
+
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "a.png").write_bytes(png("red"))
+    (tmp_path / "secret.png").write_bytes(png("green"))
+    lines = [{"id": "ok", "text": "Color?", "image": "a.png"}, {"id": "up", "text": "Color?", "image": "../secret.png"},
+             {"id": "zero", "text": "Color?", "image": "/dev/zero"}]
+    (tmp_path / "q" / "questions.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+
+    def outcomes(**kwargs):
+        rows = jsonl_questions(str(tmp_path / "q" / "questions.jsonl"), **kwargs)
+        result = {}
+        for row in sorted(rows, key=lambda r: r["index"]):
+            try:
+                result[row["id"]] = len(question_images(row, max_bytes=1 << 20))
+            except ImageRefRejected as error:
+                result[row["id"]] = error.reason
+        return result
+
+    assert outcomes() == {"ok": 1, "up": "image_outside_root", "zero": "image_outside_root"}
+    assert outcomes(allow_images_outside_root=True) == {"ok": 1, "up": 1, "zero": "image_too_large"}

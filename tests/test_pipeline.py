@@ -110,7 +110,7 @@ def fake_jobs(monkeypatch):
     """The heavy functions the stages call, replaced by fakes that write placeholder outputs and count calls."""
     calls: list[tuple] = []
 
-    def prepare_digits(out, seed, ingest):
+    def prepare_digits(out, seed, ingest, overwrite=False):
         calls.append(("prepare", seed))
         for split in ("stage1", "stage2", "eval"):
             Path(out, split).mkdir(parents=True, exist_ok=True)

@@ -97,8 +97,9 @@ def test_mlflow_sqlite_store(tmp_path):
 @pytest.mark.slow  # MLflow creates its database schema; W&B starts its service per run
 def test_mlflow_defaults_to_a_database_under_the_storage_path(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    run = start_run(TrackingConfig(backend="mlflow"), str(tmp_path / "r"), str(tmp_path), "r", PARAMS)
-    assert run.location == f"sqlite:///{tmp_path}/mlflow.db" and (tmp_path / "mlflow.db").exists()
+    storage_path = tmp_path / "runs"  # not made yet: a first run
+    run = start_run(TrackingConfig(backend="mlflow"), str(storage_path / "r"), str(storage_path), "r", PARAMS)
+    assert run.location == f"sqlite:///{storage_path}/mlflow.db" and (storage_path / "mlflow.db").exists()
     with pytest.raises(ValueError, match="needs tracking.uri"):
         start_run(TrackingConfig(backend="mlflow"), "s3://b/runs/r", "s3://b/runs", "r", PARAMS)
 

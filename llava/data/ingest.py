@@ -3,13 +3,14 @@
 Every ingestion job (LLaVA JSON, caption pairs, digits) produces "raw rows":
 
     id            string
-    image_refs    list<string> | null   image paths relative to the images root (or absolute URIs)
+    image_refs    list<string> | null   image paths relative to the images root (see llava.data.image_refs)
     images        list<binary> | null   image bytes already in hand (digits); wins over image_refs
     conversations string                the turns as JSON text ("null" when the input row was malformed)
     source        string
 
-`ingest` reads each image in parallel, checks it decodes (within the pixel limit) and that
-the conversation is trainable, and writes good rows in the `schema.SCHEMA` format. A bad row
+`ingest` reads each image in parallel (only inside the images root, at most `max_image_bytes`),
+checks it decodes (within the pixel limit) and that the conversation is trainable, and writes good
+rows in the `schema.SCHEMA` format as a new version of the dataset (llava.data.publish). A bad row
 never stops the job: it is skipped, counted by reason, and a few examples are logged.
 """
 
@@ -26,7 +27,9 @@ import pyarrow as pa
 import ray
 
 from llava import storage
-from llava.data.schema import SCHEMA, Manifest, parquet_rows, shard_uris
+from llava.data.image_refs import DEFAULT_MAX_IMAGE_BYTES, ImageAccess
+from llava.data.publish import Attempt, publish
+from llava.data.schema import SCHEMA, Manifest
 from llava.image_processing import ImageError, decode_image
 from llava.progress import Progress
 from llava.templates import SampleRejected
@@ -49,6 +52,8 @@ RAW_SCHEMA = pa.schema(
 class IngestConfig:
     shard_mb: int = 128  # target parquet shard size (images dominate the bytes)
     max_pixels: int = 64_000_000  # larger decoded images are refused as decompression bombs
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES  # larger image files are refused (image_too_large)
+    allow_images_outside_root: bool = False  # follow absolute / `..` / other-bucket image paths
     batch_size: int = 32  # rows per map task batch
     examples_per_reason: int = 3  # skipped rows logged per reason
 
@@ -79,14 +84,8 @@ class SkipCounter:
         return self.rows_seen, sum(self.counts.values())
 
 
-def resolve_image_ref(images_root: Optional[str], ref: str) -> str:
-    if storage.is_s3(ref) or ref.startswith("/") or images_root is None:
-        return ref
-    return storage.join(images_root, ref)
-
-
-def validate_row(row: dict, images_root: Optional[str], max_pixels: int) -> dict:
-    """One raw row -> a SCHEMA row. Raises SampleRejected / ImageError / a reason-tagged ValueError."""
+def validate_row(row: dict, access: ImageAccess, max_pixels: int) -> dict:
+    """One raw row -> a SCHEMA row. Raises SampleRejected (ImageRefRejected included) / ImageError."""
     refs = row.get("image_refs") or []
     images = row.get("images")
     conversations = json.loads(row["conversations"]) if row.get("conversations") else None
@@ -94,12 +93,12 @@ def validate_row(row: dict, images_root: Optional[str], max_pixels: int) -> dict
         raise SampleRejected("bad_conversation", "the row has no list of conversation turns")
     num_images = len(images) if images else len(refs)
     check_training_turns(conversations, num_images)
+    uris = [access.resolve(ref) for ref in refs]  # image_outside_root before any read
     if not images:
         images = []
-        for ref in refs:
-            uri = resolve_image_ref(images_root, ref)
+        for uri in uris:
             try:
-                images.append(storage.read_bytes(uri))
+                images.append(access.read(uri))  # image_too_large past max_bytes
             except (FileNotFoundError, storage.StorageError) as error:
                 raise SampleRejected("missing_image", f"{uri}: {error}") from error
     for data in images:
@@ -107,7 +106,7 @@ def validate_row(row: dict, images_root: Optional[str], max_pixels: int) -> dict
     return {
         "id": str(row["id"]),
         "images": list(images) or None,
-        "image_paths": [resolve_image_ref(images_root, r) for r in refs] or None,
+        "image_paths": uris or None,
         "conversations": row["conversations"],
         "source": row["source"],
     }
@@ -118,12 +117,12 @@ def skip_reason(error: Exception) -> str:
     return f"image_{error.reason}" if isinstance(error, ImageError) else error.reason
 
 
-def validate_batch(batch: pa.Table, images_root: Optional[str], max_pixels: int, counter) -> pa.Table:
+def validate_batch(batch: pa.Table, access: ImageAccess, max_pixels: int, counter) -> pa.Table:
     """Ray Data map_batches function: keeps good rows, reports the others to `counter`."""
     good, counts, examples = [], Counter(), []
     for row in batch.to_pylist():
         try:
-            good.append(validate_row(row, images_root, max_pixels))
+            good.append(validate_row(row, access, max_pixels))
         except (SampleRejected, ImageError) as error:
             reason = skip_reason(error)
             counts[reason] += 1
@@ -132,7 +131,7 @@ def validate_batch(batch: pa.Table, images_root: Optional[str], max_pixels: int,
     return pa.Table.from_pylist(good, schema=SCHEMA)
 
 
-def rows_per_shard(raw: ray.data.Dataset, images_root: Optional[str], shard_mb: int, sample: int = 16) -> int:
+def rows_per_shard(raw: ray.data.Dataset, access: ImageAccess, shard_mb: int, sample: int = 16) -> int:
     """Rows per parquet shard so a shard is about `shard_mb` MB, from a sample of image sizes."""
     sizes = []
     for row in raw.take(sample):
@@ -142,8 +141,8 @@ def rows_per_shard(raw: ray.data.Dataset, images_root: Optional[str], shard_mb: 
             total = 0
             for ref in row.get("image_refs") or []:
                 try:
-                    total += storage.size(resolve_image_ref(images_root, ref))
-                except (FileNotFoundError, storage.StorageError):
+                    total += min(access.size(access.resolve(ref)) or 0, access.max_bytes)
+                except SampleRejected:
                     pass
             sizes.append(total)
     per_row = max(1024, int(sum(sizes) / max(1, len(sizes))) + 1024)
@@ -152,25 +151,26 @@ def rows_per_shard(raw: ray.data.Dataset, images_root: Optional[str], shard_mb: 
 
 def ingest(
     raw: ray.data.Dataset,
-    out_uri: str,
+    attempt: Attempt,
     sources: list[str],
     images_root: Optional[str] = None,
     config: Optional[IngestConfig] = None,
     extra: Optional[dict] = None,
 ) -> Manifest:
-    """Validate `raw` rows, write the good ones as parquet shards under `out_uri`, return the manifest."""
+    """Validate `raw` rows, write the good ones as parquet shards under `attempt`, publish them as the
+    dataset (llava.data.publish) and return its manifest."""
     config = config or IngestConfig()
-    storage.check_reachable(out_uri)
+    access = ImageAccess(images_root, config.allow_images_outside_root, config.max_image_bytes)
     counter = SkipCounter.remote(config.examples_per_reason)
-    shard_rows = rows_per_shard(raw, images_root, config.shard_mb)
+    shard_rows = rows_per_shard(raw, access, config.shard_mb)
     rows = raw.map_batches(
         validate_batch,
         batch_format="pyarrow",
         batch_size=config.batch_size,
-        fn_kwargs={"images_root": images_root, "max_pixels": config.max_pixels, "counter": counter},
+        fn_kwargs={"access": access, "max_pixels": config.max_pixels, "counter": counter},
     )
-    fs, path = storage.filesystem(out_uri)
-    log.info("ingesting %s -> %s (about %d rows per shard)", ", ".join(sources), out_uri, shard_rows)
+    fs, path = storage.filesystem(attempt.shards_uri)
+    log.info("ingesting %s -> %s (about %d rows per shard)", ", ".join(sources), attempt.shards_uri, shard_rows)
     with Progress("prepare", unit="rows", logger=log) as progress:  # a bar on a terminal, else a line every 10 s
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             write = pool.submit(rows.write_parquet, path, filesystem=fs, min_rows_per_file=shard_rows,
@@ -185,12 +185,12 @@ def ingest(
         seen, skipped_rows = ray.get(counter.progress.remote())
         progress.set(seen, skipped=skipped_rows)
     skipped, examples = ray.get(counter.report.remote())
-    shards = shard_uris(out_uri)
-    total = sum(parquet_rows(s) for s in shards)
-    manifest = Manifest(rows=total, skipped=skipped, sources=list(sources), shards=[s.rsplit("/", 1)[-1] for s in shards], extra=extra or {})
-    manifest.write(out_uri)
+    manifest = publish(attempt, Manifest(rows=0, skipped=skipped, sources=list(sources), extra=extra or {}))
     for reason, texts in sorted(examples.items()):
         for text in texts:
             log.warning("skipped (%s): %s", reason, text)
-    log.info("wrote %d rows in %d shard(s) to %s; skipped %s", total, len(shards), out_uri, skipped or "none")
+    if not manifest.rows:
+        log.warning("%s: no row could be used; the dataset is empty", attempt.dataset_uri)
+    log.info("wrote %d rows in %d shard(s) to %s; skipped %s", manifest.rows, len(manifest.shards),
+             attempt.dataset_uri, skipped or "none")
     return manifest

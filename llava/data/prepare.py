@@ -1,4 +1,8 @@
-"""The three ingestion jobs behind `llava-ray prepare`: LLaVA JSON, caption pairs, digits."""
+"""The three ingestion jobs behind `llava-ray prepare`: LLaVA JSON, caption pairs, digits.
+
+Each writes a dataset directory as a whole (llava.data.publish): into an output that already
+holds a dataset only with `overwrite=True`, and then it replaces it; never appended to.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import pyarrow as pa
 import ray
 
 from llava import storage
+from llava.data import publish
 from llava.data.digits import build_digits
 from llava.data.ingest import RAW_SCHEMA, IngestConfig, ingest
 from llava.data.schema import Manifest
@@ -17,44 +22,37 @@ log = logging.getLogger(__name__)
 
 
 def prepare_llava_json(json_uri: str, images_uri: str, out_uri: str, source: str | None = None,
-                       config: IngestConfig | None = None) -> Manifest:
+                       config: IngestConfig | None = None, overwrite: bool = False) -> Manifest:
+    """A LLaVA JSON array (image paths relative to `images_uri`) -> the dataset at `out_uri`."""
     source = source or json_uri.rstrip("/").rsplit("/", 1)[-1].removesuffix(".json")
     storage.check_reachable(images_uri)
-    staging = storage.join(out_uri, "_staging")
-    chunks = stage_llava_json(json_uri, staging, source)
+    attempt = publish.begin(out_uri, overwrite)
+    chunks = stage_llava_json(json_uri, attempt.staging_uri, source)
     try:
-        manifest = ingest(read_raw_chunks(chunks), out_uri, [json_uri, images_uri], images_uri, config)
+        manifest = ingest(read_raw_chunks(chunks), attempt, [json_uri, images_uri], images_uri, config)
     finally:
-        storage.remove(staging)
+        storage.remove(attempt.staging_uri)
     return manifest
 
 
 def prepare_captions(pairs_uri: str, images_uri: str, out_uri: str, seed: int = 0, source: str = "captions",
                      image_column: str = "image", caption_column: str = "caption",
-                     config: IngestConfig | None = None) -> Manifest:
+                     config: IngestConfig | None = None, overwrite: bool = False) -> Manifest:
+    """Image-caption pairs (JSONL / CSV / parquet) -> a stage-1 dataset at `out_uri`."""
     storage.check_reachable(images_uri)
+    attempt = publish.begin(out_uri, overwrite)
     raw = read_caption_pairs(pairs_uri, seed, source, image_column, caption_column)
-    return ingest(raw, out_uri, [pairs_uri, images_uri], images_uri, config, extra={"seed": seed})
+    return ingest(raw, attempt, [pairs_uri, images_uri], images_uri, config, extra={"seed": seed})
 
 
-def prepare_digits(out_uri: str, seed: int = 0, config: IngestConfig | None = None) -> dict[str, Manifest]:
-    """out/stage1, out/stage2, out/eval."""
+def prepare_digits(out_uri: str, seed: int = 0, config: IngestConfig | None = None,
+                   overwrite: bool = False) -> dict[str, Manifest]:
+    """out/stage1, out/stage2, out/eval (all three are checked before anything is written)."""
+    splits = build_digits(seed)
+    attempts = {split: publish.begin(storage.join(out_uri, split), overwrite) for split in splits}
     manifests = {}
-    for split, rows in build_digits(seed).items():
+    for split, rows in splits.items():
         raw = ray.data.from_arrow(pa.Table.from_pylist(rows, schema=RAW_SCHEMA))
-        manifests[split] = ingest(raw, storage.join(out_uri, split), ["sklearn.datasets.load_digits"], None, config,
+        manifests[split] = ingest(raw, attempts[split], ["sklearn.datasets.load_digits"], None, config,
                                   extra={"seed": seed, "split": split})
     return manifests
-
-
-def prepare(args) -> dict[str, Manifest]:
-    """Dispatch the parsed `llava-ray prepare KIND ...` arguments."""
-    config = IngestConfig(shard_mb=args.shard_mb)
-    if args.kind == "llava-json":
-        return {"out": prepare_llava_json(args.json, args.images, args.out, args.source, config)}
-    if args.kind == "captions":
-        return {"out": prepare_captions(args.pairs, args.images, args.out, args.seed, args.source,
-                                        args.image_column, args.caption_column, config)}
-    if args.kind == "digits":
-        return prepare_digits(args.out, args.seed, config)
-    raise ValueError(f"unknown prepare kind {args.kind!r}")

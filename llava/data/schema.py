@@ -1,6 +1,7 @@
 """The storage format: one parquet schema for every dataset, plus a manifest per dataset.
 
-A dataset is a directory (local or s3://) of parquet shards and `_manifest.json`:
+A dataset is a directory (local or s3://) holding `_manifest.json` and the parquet shards it lists
+(how a dataset is written and replaced: llava.data.publish). Each shard has the columns:
 
     id            string         sample id (unique within the dataset)
     images        list<binary>   encoded image bytes inline, in <image> order; null for text-only rows
@@ -57,12 +58,24 @@ class Manifest:
 
 
 def shard_uris(dataset_uri: str) -> list[str]:
-    """The parquet shards of a dataset directory, sorted; `_`/`.`-prefixed entries (staging, manifests) are not data."""
+    """The parquet shards of a dataset directory: exactly those its `_manifest.json` lists.
+
+    A directory without a manifest (parquet files written by other tools) is listed: every
+    `*.parquet` below it, sorted, except under `_`/`.`-prefixed names (unpublished attempts,
+    staging, hidden files).
+    """
     base = dataset_uri.rstrip("/")
+    if storage.exists(storage.join(base, MANIFEST_FILE)):
+        manifest = Manifest.read(base)
+        if not manifest.shards:
+            raise FileNotFoundError(f"{dataset_uri}: the dataset holds no rows (its manifest lists no shards; "
+                                    f"skipped rows: {manifest.skipped or 'none'})")
+        return [storage.join(base, rel) for rel in manifest.shards]
+    listed = base if storage.is_s3(base) else storage.filesystem(base)[1]  # list_files' absolute form
     shards = [
         uri
         for uri in storage.list_files(dataset_uri, suffix=".parquet")
-        if not any(part.startswith(("_", ".")) for part in uri[len(base):].split("/") if part)
+        if not any(part.startswith(("_", ".")) for part in uri[len(listed):].split("/") if part)
     ]
     if not shards:
         raise FileNotFoundError(f"{dataset_uri}: no parquet shards found")

@@ -194,8 +194,7 @@ def score(problems: list[dict], answers: dict[str, Optional[str]]) -> tuple[dict
     groups: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
     predictions, overall, failures = [], [], 0
     for p in problems:
-        letter = parse_letter(answers.get(p["pid"]))
-        choice = OPTIONS.index(letter) if letter in OPTIONS[:len(p["choices"])] else -1
+        letter, choice = parse_letter(answers.get(p["pid"])), parse_answer(answers.get(p["pid"]), len(p["choices"]))
         correct = choice == p["answer"]
         failures += choice == -1
         overall.append(correct)

@@ -21,7 +21,7 @@ import ray
 
 from llava import storage
 from llava.image_processing import ImageError
-from llava.inference.questions import question_dataset
+from llava.inference.questions import question_dataset, question_images
 from llava.progress import Progress
 from llava.templates import SampleRejected
 from llava.tokenization import PromptTooLong
@@ -43,6 +43,8 @@ class InferConfig:
     questions: str = ""  # JSONL file or parquet file/dataset (local or s3://)
     out: str = ""  # output dir: predictions.jsonl + summary.json
     images: Optional[str] = None  # root for relative image paths (default: the questions file's dir)
+    allow_images_outside_root: bool = False  # follow absolute / `..` / other-bucket image paths (default: refuse)
+    max_image_bytes: int = 32 << 20  # larger image files become image_too_large error rows
     max_new_tokens: int = 128
     batch_size: int = 8  # questions per forward pass inside an actor
     actors: int = 0  # model replicas; 0 = one per GPU if the cluster has GPUs, else 2
@@ -73,7 +75,8 @@ def error_reason(error: Exception) -> str:
 class GreedyAnswerer:
     """Ray Data actor: one model per actor, `batch_size` questions per forward pass."""
 
-    def __init__(self, model_uri: str, max_new_tokens: int, batch_size: int, template: Optional[str] = None):
+    def __init__(self, model_uri: str, max_new_tokens: int, batch_size: int, max_image_bytes: int = 32 << 20,
+                 template: Optional[str] = None):
         from transformers.utils import logging as hf_logging
 
         from llava.model_loading import load_model
@@ -81,6 +84,7 @@ class GreedyAnswerer:
         hf_logging.disable_progress_bar()
         self.model = load_model(model_uri, template=template)  # GPU + bf16 when present, else CPU + fp32
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+        self.max_image_bytes = max_image_bytes
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from llava.decoding import greedy_decode
@@ -91,7 +95,7 @@ class GreedyAnswerer:
         for row in rows:
             row["answer"] = row["error"] = row["error_reason"] = None
             try:
-                images = row["images"] or [storage.read_bytes(ref) for ref in row["image_refs"] or []]
+                images = question_images(row, self.max_image_bytes)  # confined paths, capped reads
                 encoded.append(encode_prompt(self.model, Prompt([{"from": "human", "value": row["prompt"]}], images)))
                 answered.append(row)
             except (SampleRejected, ImageError, PromptTooLong, FileNotFoundError, storage.StorageError) as error:
@@ -118,7 +122,8 @@ def answer_dataset(config: InferConfig, questions: ray.data.Dataset) -> ray.data
     return questions.map_batches(
         GreedyAnswerer,
         fn_constructor_kwargs={"model_uri": config.model, "max_new_tokens": config.max_new_tokens,
-                               "batch_size": config.batch_size, "template": config.template},
+                               "batch_size": config.batch_size, "max_image_bytes": config.max_image_bytes,
+                               "template": config.template},
         batch_format="pyarrow",
         batch_size=config.batch_size * 2,
         compute=ray.data.ActorPoolStrategy(size=actors),
@@ -131,7 +136,8 @@ def run_batch_inference(config: InferConfig, questions: Optional[ray.data.Datase
     """Answer every question; write predictions.jsonl (input order) and summary.json under config.out."""
     if not config.model or not config.out or (questions is None and not config.questions):
         raise ValueError("infer needs model, questions and out")
-    questions = questions if questions is not None else question_dataset(config.questions, config.images)
+    if questions is None:
+        questions = question_dataset(config.questions, config.images, config.allow_images_outside_root)
     total = questions.count()
     log.info("batch inference: %d question(s) from %s with %s", total, config.questions or "a dataset", config.model)
     results, errors = [], Counter()

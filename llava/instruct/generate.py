@@ -171,9 +171,9 @@ def write_outputs(config: GenerateConfig, plan: list[dict], done: dict[str, dict
         log.info("generate: the kept rows are those the parquet in %s was built from; not rebuilt", summary["parquet"])
         summary["parquet_rows"], summary["parquet_skipped"] = previous["parquet_rows"], previous["parquet_skipped"]
     elif records:
-        if storage.exists(summary["parquet"]):
-            storage.remove(summary["parquet"])  # rebuilt from all parts, never appended to
-        manifest = prepare_llava_json(summary["json"], config.images, summary["parquet"], source="generated")
+        # rebuilt from all parts and published as a whole (the previous version stays readable until then)
+        manifest = prepare_llava_json(summary["json"], config.images, summary["parquet"], source="generated",
+                                      overwrite=True)
         summary["parquet_rows"], summary["parquet_skipped"] = manifest.rows, manifest.skipped
     elif storage.exists(summary["parquet"]):
         storage.remove(summary["parquet"])  # nothing kept: no stale parquet

@@ -22,12 +22,14 @@ The clients are optional dependencies: `pip install "llava-ray[tracking]"`.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from typing import Any, Optional
 
 from llava import storage
@@ -217,14 +219,15 @@ class MlflowLogger(RunLogger):
     def create(run: TrackingRun) -> str:
         from mlflow.tracking import MlflowClient
 
+        db_dir = os.path.dirname(run.location[len("sqlite:///"):]) if run.location.startswith("sqlite:///") else None
+        if db_dir:
+            os.makedirs(db_dir, exist_ok=True)  # a first run: the storage path does not exist yet
         client = MlflowClient(tracking_uri=run.location)
         experiment = client.get_experiment_by_name(run.project)
         if experiment is not None:
             experiment_id = experiment.experiment_id
         else:  # a local database keeps its artifacts next to it (else they land in the worker's cwd)
-            local_db = run.location.startswith("sqlite:///")
-            artifacts = os.path.join(os.path.dirname(run.location[len("sqlite:///"):]), "mlartifacts") if local_db \
-                else None
+            artifacts = os.path.join(db_dir, "mlartifacts") if db_dir else None
             experiment_id = client.create_experiment(run.project, artifact_location=artifacts)
         return client.create_run(experiment_id, run_name=run.run_name, tags=run.tags).info.run_id
 
@@ -259,6 +262,7 @@ class WandbLogger(RunLogger):
         import wandb
 
         os.makedirs(run.location, exist_ok=True)
+        _wait_for_a_new_second(run.location, run.run_id)
         self.wandb_run = wandb.init(project=run.project, name=run.run_name, id=run.run_id, resume="allow",
                                     dir=run.location, tags=[f"{k}:{v}" if v else k for k, v in run.tags.items()],
                                     mode=run.mode or None, reinit="create_new")
@@ -275,3 +279,10 @@ class WandbLogger(RunLogger):
 
     def close(self, finished: bool = False) -> None:
         self.wandb_run.finish()
+
+
+def _wait_for_a_new_second(root: str, run_id: str) -> None:
+    """W&B names a run's local dir by its start second and id (`wandb/offline-run-<YYYYmmdd_HHMMSS>-<id>`): a
+    second segment of the same run started within the same second would reuse, and overwrite, the first's."""
+    while glob.glob(os.path.join(root, "wandb", f"*run-{datetime.now():%Y%m%d_%H%M%S}-{run_id}")):
+        time.sleep(0.1)
