@@ -343,7 +343,10 @@ class Scheduler:
         if len(live) < len(batch.rows) and not self._drop(live):
             return
         if self.on_step:
-            self.on_step(len(batch.rows))
+            try:
+                self.on_step(len(batch.rows))
+            except Exception:  # metrics must never fail the rows
+                log.exception("the on_step hook failed")
         tokens = torch.tensor(batch.tokens, device=self.device).unsqueeze(1)  # (B, 1)
         batch.attention = torch.cat([batch.attention, torch.ones_like(tokens)], dim=1)  # (B, T + 1)
         try:
