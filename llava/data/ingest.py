@@ -163,6 +163,9 @@ def ingest(
     access = ImageAccess(images_root, config.allow_images_outside_root, config.max_image_bytes)
     counter = SkipCounter.remote(config.examples_per_reason)
     shard_rows = rows_per_shard(raw, access, config.shard_mb)
+    # One validation task per batch: a staging chunk or an input file is often a single block of
+    # thousands of rows, which would otherwise be checked (and its images held) by one task.
+    raw = raw.repartition(target_num_rows_per_block=config.batch_size)
     rows = raw.map_batches(
         validate_batch,
         batch_format="pyarrow",
