@@ -77,8 +77,14 @@ number even odd comes next man riding bicycle down city street next to tall buil
 playing with frisbee green grass park sunny day answer option letter from choices directly question how many
 people are photo there plate food rice vegetables chicken wooden table assistant gives helpful detailed polite
 answers user questions window blue sky clouds tree house car bus train boat water river mountain snow""".split()
-QUESTIONS = ["What is shown in the image?", "Describe the image concisely.", "How many people are in the photo?",
-             "Provide a brief description of the given image.", "What color is the sofa?", "Is the number even or odd?"]
+QUESTIONS = [
+    "What is shown in the image?",
+    "Describe the image concisely.",
+    "How many people are in the photo?",
+    "Provide a brief description of the given image.",
+    "What color is the sofa?",
+    "Is the number even or odd?",
+]
 
 
 # --- synthetic data --------------------------------------------------------------------------------------------------
@@ -158,8 +164,13 @@ def make_dataset(data_dir: Path, rows: int, seed: int = 0) -> tuple[Path, Path, 
             item["image"] = ref
         items.append(item)
     json_path.write_text(json.dumps(items))
-    meta = {"params": want, "images": n_images, "image_mb": image_bytes / 1e6, "json_mb": json_path.stat().st_size / 1e6,
-            "seconds": time.perf_counter() - start}
+    meta = {
+        "params": want,
+        "images": n_images,
+        "image_mb": image_bytes / 1e6,
+        "json_mb": json_path.stat().st_size / 1e6,
+        "seconds": time.perf_counter() - start,
+    }
     meta_path.write_text(json.dumps(meta))
     meta["reused"] = False
     return json_path, images_dir, meta
@@ -236,9 +247,17 @@ def run_ours(shards: str, model_config: ModelConfig, batch_size: int, pad_id: in
             batches += 1
             real += batch.real_tokens
         seconds = time.perf_counter() - start
-        return {"dataset": ds, "seconds": seconds, "first_batch_s": first, "rows": rows, "batches": batches,
-                "real_tokens": real, "padding": batcher.padding_fraction, "wait_s": pull,
-                "driver_cpu_s": time.process_time() - driver_cpu}
+        return {
+            "dataset": ds,
+            "seconds": seconds,
+            "first_batch_s": first,
+            "rows": rows,
+            "batches": batches,
+            "real_tokens": real,
+            "padding": batcher.padding_fraction,
+            "wait_s": pull,
+            "driver_cpu_s": time.process_time() - driver_cpu,
+        }
 
     # Warm-up: one whole epoch. A shorter pass (ds.limit) leaves the worker that gets the next epoch's map task
     # cold: importing torch/transformers and loading the tokenizer there costs ~4 CPU-seconds, once per process.
@@ -247,7 +266,9 @@ def run_ours(shards: str, model_config: ModelConfig, batch_size: int, pad_id: in
     before = cpu.snapshot()
     result = epoch()
     after = cpu.snapshot()  # before ds.stats(), which itself costs CPU in Ray's stats actor
-    result["operators"] = [line.strip() for line in result.pop("dataset").stats().splitlines() if "tasks executed" in line]
+    result["operators"] = [
+        line.strip() for line in result.pop("dataset").stats().splitlines() if "tasks executed" in line
+    ]
     result["cpu_s"] = TreeCpu.delta(before, after)
     result["cpu_by_process"] = TreeCpu.by_name(before, after)
     result["warmup_s"] = warmup["seconds"]
@@ -273,8 +294,14 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         item = self.items[i]
         n_images = 1 if "image" in item else 0
-        sample = tokenize_conversation(item["conversations"], self.tokenizer, self.config.template, NUM_IMAGE_TOKENS,
-                                       self.config.max_length, n_images)
+        sample = tokenize_conversation(
+            item["conversations"],
+            self.tokenizer,
+            self.config.template,
+            NUM_IMAGE_TOKENS,
+            self.config.max_length,
+            n_images,
+        )
         pixels = None
         if sample.num_images:
             # The official code does Image.open(path).convert("RGB") + its processor; we read the file's bytes and
@@ -282,8 +309,12 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
             with open(self.images_dir / item["image"], "rb") as f:
                 data = f.read()
             pixels = torch.from_numpy(load_pixel_values(data, self.config.image))
-        return {"id": item["id"], "input_ids": torch.tensor(sample.input_ids, dtype=torch.long),
-                "labels": torch.tensor(sample.labels, dtype=torch.long), "pixel_values": pixels}
+        return {
+            "id": item["id"],
+            "input_ids": torch.tensor(sample.input_ids, dtype=torch.long),
+            "labels": torch.tensor(sample.labels, dtype=torch.long),
+            "pixel_values": pixels,
+        }
 
 
 class PadCollator:
@@ -293,22 +324,38 @@ class PadCollator:
         self.pad_id = pad_id
 
     def __call__(self, instances: list[dict]) -> dict:
-        input_ids = torch.nn.utils.rnn.pad_sequence([x["input_ids"] for x in instances], batch_first=True,
-                                                    padding_value=self.pad_id)
-        labels = torch.nn.utils.rnn.pad_sequence([x["labels"] for x in instances], batch_first=True,
-                                                 padding_value=IGNORE_INDEX)
+        input_ids = torch.nn.utils.rnn.pad_sequence(
+            [x["input_ids"] for x in instances], batch_first=True, padding_value=self.pad_id
+        )
+        labels = torch.nn.utils.rnn.pad_sequence(
+            [x["labels"] for x in instances], batch_first=True, padding_value=IGNORE_INDEX
+        )
         lengths = torch.tensor([len(x["input_ids"]) for x in instances])
         attention = (torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]).long()
         images = [x["pixel_values"][None] for x in instances if x["pixel_values"] is not None]
-        return {"ids": [x["id"] for x in instances], "input_ids": input_ids, "labels": labels, "attention_mask": attention,
-                "pixel_values": torch.cat(images) if images else None, "real_tokens": int(lengths.sum()),
-                "padded_tokens": int(input_ids.numel())}
+        return {
+            "ids": [x["id"] for x in instances],
+            "input_ids": input_ids,
+            "labels": labels,
+            "attention_mask": attention,
+            "pixel_values": torch.cat(images) if images else None,
+            "real_tokens": int(lengths.sum()),
+            "padded_tokens": int(input_ids.numel()),
+        }
 
 
-def run_official(dataset: LazySupervisedDataset, batch_size: int, pad_id: int, num_workers: int, warmup_batches: int) -> dict:
+def run_official(
+    dataset: LazySupervisedDataset, batch_size: int, pad_id: int, num_workers: int, warmup_batches: int
+) -> dict:
     def loader(seed: int):
-        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers,
-                                           collate_fn=PadCollator(pad_id), generator=torch.Generator().manual_seed(seed))
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=True,
+            num_workers=num_workers,
+            collate_fn=PadCollator(pad_id),
+            generator=torch.Generator().manual_seed(seed),
+        )
 
     for i, _ in enumerate(loader(1)):  # warm-up
         if i + 1 >= warmup_batches:
@@ -326,8 +373,15 @@ def run_official(dataset: LazySupervisedDataset, batch_size: int, pad_id: int, n
         padded += batch["padded_tokens"]
     seconds = time.perf_counter() - start
     del it  # workers joined (reaped) -> their CPU time shows up in os.times().children_*
-    return {"seconds": seconds, "first_batch_s": first, "rows": rows, "batches": batches, "real_tokens": real,
-            "padding": 1 - real / padded, "cpu_s": own_and_reaped_children_cpu() - cpu_before}
+    return {
+        "seconds": seconds,
+        "first_batch_s": first,
+        "rows": rows,
+        "batches": batches,
+        "real_tokens": real,
+        "padding": 1 - real / padded,
+        "cpu_s": own_and_reaped_children_cpu() - cpu_before,
+    }
 
 
 # --- report ----------------------------------------------------------------------------------------------------------
@@ -364,7 +418,9 @@ def table(ours: dict, official: list[tuple[str, dict]]) -> str:
         for _, res in official:
             theirs = fn(res)
             cells.append(_fmt(int(theirs) if digits == 0 else float(theirs), digits))
-            cells.append(f"{mine / theirs:.2f}x" if theirs and label not in ("rows", "batches", "cores counted") else "-")
+            cells.append(
+                f"{mine / theirs:.2f}x" if theirs and label not in ("rows", "batches", "cores counted") else "-"
+            )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -372,26 +428,42 @@ def table(ours: dict, official: list[tuple[str, dict]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=2000, help="synthetic LLaVA-JSON samples (default 2000)")
-    parser.add_argument("--batch-size", type=int, default=16, help="rows per batch (default 16, LLaVA's per-device size)")
-    parser.add_argument("--out-dir", default=str(ROOT / ".cache" / "benchmarks" / "data_loading"),
-                        help="where data, parquet and the tiny base models go (default .cache/benchmarks/data_loading)")
-    parser.add_argument("--ray-cpus", type=int, default=os.cpu_count(), help="num_cpus for init_ray (default: all cores)")
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader num_workers for the main comparison (default 2)")
-    parser.add_argument("--torch-threads", type=int, default=0,
-                        help="torch.set_num_threads in this process (default 0: leave torch's default)")
-    parser.add_argument("--rows-per-block", type=int, default=None,
-                        help="ours: rows per Ray Data block, i.e. per preprocessing task (default: the reader's)")
+    parser.add_argument(
+        "--batch-size", type=int, default=16, help="rows per batch (default 16, LLaVA's per-device size)"
+    )
+    parser.add_argument(
+        "--out-dir",
+        default=str(ROOT / ".cache" / "benchmarks" / "data_loading"),
+        help="where data, parquet and the tiny base models go (default .cache/benchmarks/data_loading)",
+    )
+    parser.add_argument(
+        "--ray-cpus", type=int, default=os.cpu_count(), help="num_cpus for init_ray (default: all cores)"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=2, help="DataLoader num_workers for the main comparison (default 2)"
+    )
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=0,
+        help="torch.set_num_threads in this process (default 0: leave torch's default)",
+    )
+    parser.add_argument(
+        "--rows-per-block",
+        type=int,
+        default=None,
+        help="ours: rows per Ray Data block, i.e. per preprocessing task (default: the reader's)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
+    import logging
+
+    import PIL
     import pyarrow
     import ray
     import transformers
     from transformers import AutoTokenizer
-
-    import PIL
-
-    import logging
 
     transformers.utils.logging.disable_progress_bar()
     if args.torch_threads:
@@ -401,15 +473,21 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     nproc = os.cpu_count() or 1
     print("## Data-loading benchmark: ours (Ray Data) vs. official-style torch DataLoader\n")
-    print(f"machine: {platform.machine()} {platform.processor() or ''}, {nproc} CPU cores (os.cpu_count), "
-          f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, load average {os.getloadavg()[0]:.2f} at start")
-    print(f"versions: python {platform.python_version()}, torch {torch.__version__}, ray {ray.__version__}, "
-          f"pyarrow {pyarrow.__version__}, transformers {transformers.__version__}, pillow {PIL.__version__}, "
-          f"numpy {np.__version__}")
-    print(f"settings: rows={args.rows} batch_size={args.batch_size} image_size={IMAGE_SIZE} (aspect=pad) "
-          f"num_image_tokens={NUM_IMAGE_TOKENS} template=vicuna_v1 max_length=2048 ray_cpus={args.ray_cpus} "
-          f"torch_threads(main process)={torch.get_num_threads()} rows_per_block={args.rows_per_block or 'default'}; "
-          "no model is run (data path only)\n")
+    print(
+        f"machine: {platform.machine()} {platform.processor() or ''}, {nproc} CPU cores (os.cpu_count), "
+        f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, load average {os.getloadavg()[0]:.2f} at start"
+    )
+    print(
+        f"versions: python {platform.python_version()}, torch {torch.__version__}, ray {ray.__version__}, "
+        f"pyarrow {pyarrow.__version__}, transformers {transformers.__version__}, pillow {PIL.__version__}, "
+        f"numpy {np.__version__}"
+    )
+    print(
+        f"settings: rows={args.rows} batch_size={args.batch_size} image_size={IMAGE_SIZE} (aspect=pad) "
+        f"num_image_tokens={NUM_IMAGE_TOKENS} template=vicuna_v1 max_length=2048 ray_cpus={args.ray_cpus} "
+        f"torch_threads(main process)={torch.get_num_threads()} rows_per_block={args.rows_per_block or 'default'}; "
+        "no model is run (data path only)\n"
+    )
 
     # Tiny offline base models: only the tokenizer is used.
     base = out / "base"
@@ -417,15 +495,22 @@ def main() -> None:
         from llava.tiny_models import build_tiny_base_models
 
         build_tiny_base_models(base)
-    model_config = ModelConfig(vision_tower=str(base / "vision"), llm=str(base / "llm"), template="vicuna_v1",
-                               image=ImageConfig(size=IMAGE_SIZE), max_length=2048)
+    model_config = ModelConfig(
+        vision_tower=str(base / "vision"),
+        llm=str(base / "llm"),
+        template="vicuna_v1",
+        image=ImageConfig(size=IMAGE_SIZE),
+        max_length=2048,
+    )
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(model_config.tokenizer_path), model_config.template)
     pad_id = tokenizer.pad_token_id
 
     json_path, images_dir, meta = make_dataset(out / "data", args.rows, args.seed)
-    print(f"data: {args.rows} samples, {meta['images']} JPEGs ({meta['image_mb']:.1f} MB, 200-640 px per side), "
-          f"JSON {meta['json_mb']:.1f} MB; " + ("reused from a previous run" if meta["reused"] else
-                                                f"generated in {meta['seconds']:.1f}s"))
+    print(
+        f"data: {args.rows} samples, {meta['images']} JPEGs ({meta['image_mb']:.1f} MB, 200-640 px per side), "
+        f"JSON {meta['json_mb']:.1f} MB; "
+        + ("reused from a previous run" if meta["reused"] else f"generated in {meta['seconds']:.1f}s")
+    )
 
     # (a) ours: ingest once, then time the model-ready path.
     import ray.data
@@ -449,8 +534,10 @@ def main() -> None:
     ingest_s = time.perf_counter() - t0
     shard_mb = sum(p.stat().st_size for p in parquet.rglob("*.parquet")) / 1e6
     print(f"ray: started in {ray_start:.1f}s with num_cpus={args.ray_cpus}")
-    print(f"ingestion (prepare_llava_json, once, not in the throughput): {ingest_s:.1f}s for {manifest.rows} rows "
-          f"-> {len(manifest.shards)} shard(s), {shard_mb:.1f} MB; skipped {manifest.skipped or 'none'}")
+    print(
+        f"ingestion (prepare_llava_json, once, not in the throughput): {ingest_s:.1f}s for {manifest.rows} rows "
+        f"-> {len(manifest.shards)} shard(s), {shard_mb:.1f} MB; skipped {manifest.skipped or 'none'}"
+    )
 
     ours = run_ours(str(parquet), model_config, args.batch_size, pad_id, args.rows_per_block)
     ours["cores"] = min(nproc, args.ray_cpus)
@@ -464,27 +551,44 @@ def main() -> None:
         res["cores"] = min(nproc, max(1, workers))
         official.append((f"official num_workers={workers}", res))
 
-    print(f"\ncores counted: ours = min(os.cpu_count()={nproc}, Ray num_cpus={args.ray_cpus}) (the driver, which "
-          "iterates and collates, shares them); official = min(os.cpu_count(), max(1, num_workers)). "
-          "CPU-seconds: measured user+system time of all processes involved (ours: driver + gcs/raylet/Ray workers; "
-          "official: main process + its DataLoader workers).")
+    print(
+        f"\ncores counted: ours = min(os.cpu_count()={nproc}, Ray num_cpus={args.ray_cpus}) (the driver, which "
+        "iterates and collates, shares them); official = min(os.cpu_count(), max(1, num_workers)). "
+        "CPU-seconds: measured user+system time of all processes involved (ours: driver + gcs/raylet/Ray workers; "
+        "official: main process + its DataLoader workers)."
+    )
     print(f"ours: warm-up epoch (cold Ray workers) took {ours['warmup_s']:.1f}s, not counted")
-    print(f"ours: {ours['wait_s']:.1f}s of the {ours['seconds']:.1f}s epoch were spent waiting on Ray Data for the next "
-          f"row; the driver process (iteration + LengthGroupedBatcher collate + Ray Data's executor thread) used "
-          f"{ours['driver_cpu_s']:.1f} CPU-seconds of the {ours['cpu_s']:.1f} total")
-    print("ours, CPU-seconds by process (timed epoch): "
-          + ", ".join(f"{name} {sec:.1f}" for name, sec in ours["cpu_by_process"].items() if sec >= 0.05))
+    print(
+        f"ours: {ours['wait_s']:.1f}s of the {ours['seconds']:.1f}s epoch were spent waiting on Ray Data for the next "
+        f"row; the driver process (iteration + LengthGroupedBatcher collate + Ray Data's executor thread) used "
+        f"{ours['driver_cpu_s']:.1f} CPU-seconds of the {ours['cpu_s']:.1f} total"
+    )
+    print(
+        "ours, CPU-seconds by process (timed epoch): "
+        + ", ".join(f"{name} {sec:.1f}" for name, sec in ours["cpu_by_process"].items() if sec >= 0.05)
+    )
     print("ours, Ray Data operators (timed epoch): " + "; ".join(ours["operators"]))
     load = os.getloadavg()[0]
-    print(f"load average at the end: {load:.2f}" + (f"  WARNING: above the {nproc} cores, other processes competed for the "
-                                                    "CPUs and the timings are noisy" if load > nproc else ""))
+    print(
+        f"load average at the end: {load:.2f}"
+        + (
+            f"  WARNING: above the {nproc} cores, other processes competed for the CPUs and the timings are noisy"
+            if load > nproc
+            else ""
+        )
+    )
     same = all(r["rows"] == ours["rows"] and r["real_tokens"] == ours["real_tokens"] for _, r in official)
-    print(f"check: both paths produced {ours['rows']} rows and {ours['real_tokens']:,} real tokens"
-          if same else f"WARNING: the paths disagree: ours {ours['rows']} rows / {ours['real_tokens']} tokens, "
-          f"official {[(r['rows'], r['real_tokens']) for _, r in official]}")
-    print("padding: ours groups by (modality, length) in windows of 16 batches (the first windows 2, 4, 8 batches, "
-          "so the first batch comes early); the official DataLoader here "
-          "shuffles without grouping (LLaVA's default unless group_by_modality_length=True).\n")
+    print(
+        f"check: both paths produced {ours['rows']} rows and {ours['real_tokens']:,} real tokens"
+        if same
+        else f"WARNING: the paths disagree: ours {ours['rows']} rows / {ours['real_tokens']} tokens, "
+        f"official {[(r['rows'], r['real_tokens']) for _, r in official]}"
+    )
+    print(
+        "padding: ours groups by (modality, length) in windows of 16 batches (the first windows 2, 4, 8 batches, "
+        "so the first batch comes early); the official DataLoader here "
+        "shuffles without grouping (LLaVA's default unless group_by_modality_length=True).\n"
+    )
     print(table(ours, official))
 
 

@@ -47,8 +47,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 KEY_ENV = "LLAVA_RAY_BENCH_API_KEY"  # never set: the benchmark server needs no key
-QUESTIONS = ["What is shown in the image?", "Describe the image concisely.", "What digit is in the image?",
-             "Provide a brief description of the given image.", "Is the number even or odd?"]
+QUESTIONS = [
+    "What is shown in the image?",
+    "Describe the image concisely.",
+    "What digit is in the image?",
+    "Provide a brief description of the given image.",
+    "Is the number even or odd?",
+]
 
 
 def png(seed: int, size: int = 48) -> bytes:
@@ -68,10 +73,17 @@ def build_checkpoint(out: Path, width: int, layers: int) -> str:
 
     path = out / f"model-w{width}-l{layers}"
     if not (path / "llava_config.json").exists():
-        base = build_tiny_base_models(out / f"base-w{width}-l{layers}",
-                                      TinySizes(llm_width=width, llm_layers=layers, llm_heads=max(4, width // 64)))
-        config = ModelConfig(vision_tower=base["vision_tower"], llm=base["llm"], image=ImageConfig(size=32),
-                             template="vicuna_v1", max_length=2048)
+        base = build_tiny_base_models(
+            out / f"base-w{width}-l{layers}",
+            TinySizes(llm_width=width, llm_layers=layers, llm_heads=max(4, width // 64)),
+        )
+        config = ModelConfig(
+            vision_tower=base["vision_tower"],
+            llm=base["llm"],
+            image=ImageConfig(size=32),
+            template="vicuna_v1",
+            max_length=2048,
+        )
         LlavaModel.from_config(config).save_pretrained(path)
     return str(path)
 
@@ -108,8 +120,14 @@ def drive(call, requests: list[dict], concurrency: int) -> dict:
         for future in [pool.submit(client) for _ in range(concurrency)]:
             future.result()
     wall = time.perf_counter() - started
-    return {"rps": len(requests) / wall, "p50": percentile(latencies, 50), "p95": percentile(latencies, 95),
-            "wall_s": wall, "tokens": sum(tokens), "answers": answers}
+    return {
+        "rps": len(requests) / wall,
+        "p50": percentile(latencies, 50),
+        "p95": percentile(latencies, 95),
+        "wall_s": wall,
+        "tokens": sum(tokens),
+        "answers": answers,
+    }
 
 
 class Endpoint:
@@ -126,11 +144,16 @@ class Endpoint:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         config = ServeConfig(
-            model=checkpoint, model_name="bench", port=port, api_key_env=KEY_ENV,
+            model=checkpoint,
+            model_name="bench",
+            port=port,
+            api_key_env=KEY_ENV,
             autoscaling=AutoscalingConfig(min_replicas=args.replicas, max_replicas=args.replicas),
-            replica=ReplicaConfig(num_cpus=args.replica_cpus, num_gpus=0, max_ongoing_requests=64,
-                                  torch_threads=args.torch_threads),
-            batching=BatchingConfig(max_batch_size=args.max_batch_size))
+            replica=ReplicaConfig(
+                num_cpus=args.replica_cpus, num_gpus=0, max_ongoing_requests=64, torch_threads=args.torch_threads
+            ),
+            batching=BatchingConfig(max_batch_size=args.max_batch_size),
+        )
         run_local(config)
         self.host, self.port = config.host, config.port
         self.max_tokens = args.max_tokens
@@ -140,14 +163,26 @@ class Endpoint:
         import http.client
 
         url = "data:image/png;base64," + base64.b64encode(request["image"]).decode()
-        body = {"model": "bench", "max_tokens": self.max_tokens, "temperature": 0, "messages": [
-            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                         {"type": "text", "text": request["question"]}]}]}
+        body = {
+            "model": "bench",
+            "max_tokens": self.max_tokens,
+            "temperature": 0,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": url}},
+                        {"type": "text", "text": request["question"]},
+                    ],
+                }
+            ],
+        }
         connection = getattr(self.local, "connection", None)
         if connection is None:  # one keep-alive connection per client thread
             connection = self.local.connection = http.client.HTTPConnection(self.host, self.port, timeout=600)
-        connection.request("POST", "/v1/chat/completions", body=json.dumps(body),
-                           headers={"Content-Type": "application/json"})
+        connection.request(
+            "POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"}
+        )
         response = connection.getresponse()
         reply = json.loads(response.read())
         if response.status != 200:
@@ -194,8 +229,14 @@ class Baseline:
         input_ids = torch.tensor([encoded.input_ids])  # (1, L)
         pixels = torch.from_numpy(np.stack(encoded.pixel_values))  # (1, 3, S, S)
         with torch.no_grad():
-            new = model.generate(input_ids, pixel_values=pixels, attention_mask=torch.ones_like(input_ids),
-                                 max_new_tokens=self.max_tokens, do_sample=False, eos_token_id=self.stops)[0].tolist()
+            new = model.generate(
+                input_ids,
+                pixel_values=pixels,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=self.max_tokens,
+                do_sample=False,
+                eos_token_id=self.stops,
+            )[0].tolist()
         cut = next((i for i, token in enumerate(new) if token in self.stops), len(new))
         text = model.tokenizer.decode(new[:cut], skip_special_tokens=True)
         hits = [text.index(s) for s in self.template.stop_strings if s and s in text]
@@ -227,9 +268,13 @@ def main() -> None:
     parser.add_argument("--replica-cpus", type=float, default=float(os.cpu_count() or 1))
     parser.add_argument("--max-batch-size", type=int, default=16, help="rows the decode loop runs together")
     parser.add_argument("--baseline", choices=["serial", "threads"], default="serial")
-    parser.add_argument("--torch-threads", type=int, default=None,
-                        help="torch threads on both sides (replica.torch_threads and the baseline process); default: "
-                             "the replica gets --replica-cpus threads, the baseline torch's default")
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="torch threads on both sides (replica.torch_threads and the baseline process); default: "
+        "the replica gets --replica-cpus threads, the baseline torch's default",
+    )
     parser.add_argument("--out-dir", default=str(ROOT / ".cache" / "benchmarks" / "serving"))
     args = parser.parse_args()
     import logging
@@ -244,7 +289,7 @@ def main() -> None:
     out = Path(args.out_dir)
     checkpoint = build_checkpoint(out, args.llm_width, args.llm_layers)
     requests = make_requests(args.requests)
-    warmup = make_requests(args.requests + 4)[args.requests:]  # not timed, not repeated in the timed set
+    warmup = make_requests(args.requests + 4)[args.requests :]  # not timed, not repeated in the timed set
 
     endpoint = Endpoint(checkpoint, args)
     threads_replica = args.torch_threads or replica_threads(args.replica_cpus)
@@ -256,31 +301,46 @@ def main() -> None:
             drive(side, [warmup[i % len(warmup)] for i in range(max(2, c))], c)
             results[(name, c)] = drive(side, requests, c)
             r = results[(name, c)]
-            print(f"  {name:8s} c={c:<3d} {r['rps']:7.2f} req/s  p50 {r['p50'] * 1000:7.1f} ms  "
-                  f"p95 {r['p95'] * 1000:7.1f} ms  ({r['tokens']} completion tokens)", flush=True)
+            print(
+                f"  {name:8s} c={c:<3d} {r['rps']:7.2f} req/s  p50 {r['p50'] * 1000:7.1f} ms  "
+                f"p95 {r['p95'] * 1000:7.1f} ms  ({r['tokens']} completion tokens)",
+                flush=True,
+            )
     endpoint.close()
 
     total = time.perf_counter() - started
-    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
-          f"load average {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end; {total:.0f} s in all")
-    print(f"model: {params / 1e6:.2f}M parameters (tiny CLIP 32 px, 16 image tokens; Llama width {args.llm_width}, "
-          f"{args.llm_layers} layers), vicuna_v1, fp32 CPU; greedy, max_tokens {args.max_tokens}; "
-          f"{args.requests} requests per level (question + one 48 px PNG each)")
-    print(f"ours: Serve, {args.replicas} replica(s) (autoscaling min = max), {args.replica_cpus:g} CPUs / "
-          f"{threads_replica} torch threads each, continuous batching, at most {args.max_batch_size} rows, "
-          f"HTTP non-streaming; baseline: per-request generate (batch of one) in the client process, "
-          f"{'one at a time, FIFO' if args.baseline == 'serial' else 'concurrent threads'}, "
-          f"{torch.get_num_threads()} torch threads\n")
-    print("| clients | ours req/s | ours p50 ms | ours p95 ms | baseline req/s | baseline p50 ms | baseline p95 ms "
-          "| req/s ours/baseline | p50 ours/baseline | answers equal |")
+    print(
+        f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
+        f"load average {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end; {total:.0f} s in all"
+    )
+    print(
+        f"model: {params / 1e6:.2f}M parameters (tiny CLIP 32 px, 16 image tokens; Llama width {args.llm_width}, "
+        f"{args.llm_layers} layers), vicuna_v1, fp32 CPU; greedy, max_tokens {args.max_tokens}; "
+        f"{args.requests} requests per level (question + one 48 px PNG each)"
+    )
+    print(
+        f"ours: Serve, {args.replicas} replica(s) (autoscaling min = max), {args.replica_cpus:g} CPUs / "
+        f"{threads_replica} torch threads each, continuous batching, at most {args.max_batch_size} rows, "
+        f"HTTP non-streaming; baseline: per-request generate (batch of one) in the client process, "
+        f"{'one at a time, FIFO' if args.baseline == 'serial' else 'concurrent threads'}, "
+        f"{torch.get_num_threads()} torch threads\n"
+    )
+    print(
+        "| clients | ours req/s | ours p50 ms | ours p95 ms | baseline req/s | baseline p50 ms | baseline p95 ms "
+        "| req/s ours/baseline | p50 ours/baseline | answers equal |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for c in args.concurrency:
         o, b = results[("ours", c)], results[("baseline", c)]
         same = sum(x.strip() == y.strip() for x, y in zip(o["answers"], b["answers"]))
-        print(f"| {c} | {o['rps']:.2f} | {o['p50'] * 1000:.0f} | {o['p95'] * 1000:.0f} | {b['rps']:.2f} | "
-              f"{b['p50'] * 1000:.0f} | {b['p95'] * 1000:.0f} | {o['rps'] / b['rps']:.2f}x | "
-              f"{o['p50'] / b['p50']:.2f}x | {same}/{len(requests)} |")
-    print(json.dumps({f"{name}@{c}": {k: v for k, v in r.items() if k != "answers"} for (name, c), r in results.items()}))
+        print(
+            f"| {c} | {o['rps']:.2f} | {o['p50'] * 1000:.0f} | {o['p95'] * 1000:.0f} | {b['rps']:.2f} | "
+            f"{b['p50'] * 1000:.0f} | {b['p95'] * 1000:.0f} | {o['rps'] / b['rps']:.2f}x | "
+            f"{o['p50'] / b['p50']:.2f}x | {same}/{len(requests)} |"
+        )
+    print(
+        json.dumps({f"{name}@{c}": {k: v for k, v in r.items() if k != "answers"} for (name, c), r in results.items()})
+    )
 
 
 if __name__ == "__main__":

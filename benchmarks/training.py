@@ -42,9 +42,16 @@ def build_inputs(out: Path, width: int, layers: int) -> dict:
 
     if not (out / "data" / "stage2" / "_manifest.json").exists():
         prepare_digits(str(out / "data"))
-    base = build_tiny_base_models(out / "base", TinySizes(llm_width=width, llm_layers=layers, llm_heads=max(4, width // 64)))
-    config = ModelConfig(vision_tower=base["vision_tower"], llm=base["llm"], template="vicuna_v1", max_length=256,
-                         image=ImageConfig(size=32))
+    base = build_tiny_base_models(
+        out / "base", TinySizes(llm_width=width, llm_layers=layers, llm_heads=max(4, width // 64))
+    )
+    config = ModelConfig(
+        vision_tower=base["vision_tower"],
+        llm=base["llm"],
+        template="vicuna_v1",
+        max_length=256,
+        image=ImageConfig(size=32),
+    )
     model = LlavaModel.from_config(config)
     model.save_pretrained(out / "init", llm=False)  # stage-1-like start: base LLM + a fresh projector
     return {"init": str(out / "init"), "data": str(out / "data" / "stage2"), "model": model}
@@ -54,20 +61,36 @@ def run_ours(inputs: dict, out: Path, steps: int, lr: float) -> dict:
     from llava.training.config import load_train_config
     from llava.training.trainer import train
 
-    config = load_train_config("finetune", preset="demo", overrides=[
-        f"init_from={inputs['init']}", f"data.train=[{inputs['data']}]", f"checkpoint.storage_path={out / 'runs'}",
-        f"checkpoint.run_name=bench-{time.time_ns()}", f"optim.max_steps={steps}", "optim.epochs=100",
-        f"optim.lr={lr}", "data.micro_batch_size=8", "optim.global_batch_size=16", "log_every_steps=5",
-        "data.cache=true"])
+    config = load_train_config(
+        "finetune",
+        preset="demo",
+        overrides=[
+            f"init_from={inputs['init']}",
+            f"data.train=[{inputs['data']}]",
+            f"checkpoint.storage_path={out / 'runs'}",
+            f"checkpoint.run_name=bench-{time.time_ns()}",
+            f"optim.max_steps={steps}",
+            "optim.epochs=100",
+            f"optim.lr={lr}",
+            "data.micro_batch_size=8",
+            "optim.global_batch_size=16",
+            "log_every_steps=5",
+            "data.cache=true",
+        ],
+    )
     started = time.perf_counter()
     result = train(config)
     wall = time.perf_counter() - started
-    steady = result.metrics[len(result.metrics) // 5:]
+    steady = result.metrics[len(result.metrics) // 5 :]
     seconds = sum(m["step_time_s"] for m in steady)
     tokens = sum(m["tokens_per_s"] * m["step_time_s"] for m in steady)
     padding = sum(m["padding_fraction"] for m in steady) / len(steady)
-    return {"tokens_per_s": tokens / seconds, "padding": padding, "wall_s": wall,
-            "loss_end": result.metrics[-1]["loss"]}
+    return {
+        "tokens_per_s": tokens / seconds,
+        "padding": padding,
+        "wall_s": wall,
+        "loss_end": result.metrics[-1]["loss"],
+    }
 
 
 def run_peer(inputs: dict, out: Path, steps: int, lr: float) -> dict:
@@ -94,8 +117,14 @@ def run_peer(inputs: dict, out: Path, steps: int, lr: float) -> dict:
             return len(rows)
 
         def __getitem__(self, i):
-            sample = tokenize_conversation(_json.loads(rows[i]["conversations"]), ours.tokenizer, "vicuna_v1",
-                                           ours.num_image_tokens, 256, len(rows[i]["images"]))
+            sample = tokenize_conversation(
+                _json.loads(rows[i]["conversations"]),
+                ours.tokenizer,
+                "vicuna_v1",
+                ours.num_image_tokens,
+                256,
+                len(rows[i]["images"]),
+            )
             pixels = load_pixel_values(rows[i]["images"][0], ours.config.image)
             return {"input_ids": sample.input_ids, "labels": sample.labels, "pixel_values": pixels}
 
@@ -112,8 +141,12 @@ def run_peer(inputs: dict, out: Path, steps: int, lr: float) -> dict:
             mask[i, : len(x["input_ids"])] = 1
         counts["real"] += int(mask.sum())
         counts["padded"] += mask.numel()
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask,
-                "pixel_values": torch.from_numpy(np.stack([x["pixel_values"] for x in items]))}
+        return {
+            "input_ids": ids,
+            "labels": labels,
+            "attention_mask": mask,
+            "pixel_values": torch.from_numpy(np.stack([x["pixel_values"] for x in items])),
+        }
 
     marks = {}
 
@@ -122,18 +155,34 @@ def run_peer(inputs: dict, out: Path, steps: int, lr: float) -> dict:
             if state.global_step == steps // 5:
                 marks["start"], marks["real"] = time.perf_counter(), counts["real"]
 
-    args = TrainingArguments(output_dir=str(out / "peer"), per_device_train_batch_size=16, max_steps=steps,
-                             learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=0.03, weight_decay=0.0,
-                             logging_steps=5, save_strategy="no", report_to=[], use_cpu=True,
-                             dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=str(out / "peer"),
+        per_device_train_batch_size=16,
+        max_steps=steps,
+        learning_rate=lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.03,
+        weight_decay=0.0,
+        logging_steps=5,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+    )
     model.model.vision_tower.requires_grad_(False)  # stage 2: projector + LLM
     started = time.perf_counter()
     trainer = Trainer(model=model, args=args, train_dataset=Items(), data_collator=collate, callbacks=[Clock()])
     trainer.train()
     wall = time.perf_counter() - started
     seconds = time.perf_counter() - marks["start"]
-    return {"tokens_per_s": (counts["real"] - marks["real"]) / seconds, "padding": 1 - counts["real"] / counts["padded"],
-            "wall_s": wall, "loss_end": [h["loss"] for h in trainer.state.log_history if "loss" in h][-1]}
+    return {
+        "tokens_per_s": (counts["real"] - marks["real"]) / seconds,
+        "padding": 1 - counts["real"] / counts["padded"],
+        "wall_s": wall,
+        "loss_end": [h["loss"] for h in trainer.state.log_history if "loss" in h][-1],
+    }
 
 
 def main() -> None:
@@ -157,14 +206,24 @@ def main() -> None:
     params = sum(p.numel() for p in inputs.pop("model").parameters())
     ours = run_ours(inputs, out, args.steps, args.lr)
     peer = run_peer(inputs, out, args.steps, args.lr)
-    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"load average {os.getloadavg()[0]:.2f}")
-    print(f"model: {params / 1e6:.1f}M parameters (LLM width {args.llm_width}, {args.llm_layers} layers); "
-          f"{args.steps} steps of global batch 16 on digits stage 2\n")
-    print("| metric | ours (Ray Train + DeepSpeed ZeRO-2, 2 workers) | HF Trainer + LlavaForConditionalGeneration | ratio |")
+    print(
+        f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"load average {os.getloadavg()[0]:.2f}"
+    )
+    print(
+        f"model: {params / 1e6:.1f}M parameters (LLM width {args.llm_width}, {args.llm_layers} layers); "
+        f"{args.steps} steps of global batch 16 on digits stage 2\n"
+    )
+    print(
+        "| metric | ours (Ray Train + DeepSpeed ZeRO-2, 2 workers) | HF Trainer + LlavaForConditionalGeneration | ratio |"
+    )
     print("|---|---|---|---|")
-    for key, label in (("tokens_per_s", "training tokens/s (steady state)"), ("padding", "padding fraction"),
-                       ("wall_s", "wall time incl. start-up (s)"), ("loss_end", "loss, last logging interval")):
+    for key, label in (
+        ("tokens_per_s", "training tokens/s (steady state)"),
+        ("padding", "padding fraction"),
+        ("wall_s", "wall time incl. start-up (s)"),
+        ("loss_end", "loss, last logging interval"),
+    ):
         ratio = ours[key] / peer[key] if peer[key] else float("nan")
         print(f"| {label} | {ours[key]:.3f} | {peer[key]:.3f} | {ratio:.2f}x |")
     print(json.dumps({"ours": ours, "peer": peer}))

@@ -19,9 +19,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     stop = actions.add_parser("stop", help="stop a running job")
     stop.add_argument("job_id")
     for action in (listing, status, logs, stop):
-        action.add_argument("--address", default=None,
-                            help="the cluster's dashboard, http(s)://HEAD:8265 (default: RAY_ADDRESS, "
-                                 "else http://127.0.0.1:8265)")
+        action.add_argument(
+            "--address",
+            default=None,
+            help="the cluster's dashboard, http(s)://HEAD:8265 (default: RAY_ADDRESS, else http://127.0.0.1:8265)",
+        )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -41,12 +41,23 @@ SPLITS = ("stage1", "stage2", "eval")
 # Config fields that change how a stage runs, not what it computes: recorded, but left out of the stage's
 # fingerprint (jobs/run_manifest.py), so changing one resumes or skips the stage instead of re-running it.
 # The global batch size is kept by gradient accumulation whatever the worker count (optim.global_batch_size).
-TRAINING_OPERATIONAL = ("workers", "log_every_steps", "checkpoint.every_steps", "checkpoint.keep",
-                        "checkpoint.max_failures", "audit_dir", "data.cache", "deepspeed.offload_optimizer",
-                        "deepspeed.offload_params")
+TRAINING_OPERATIONAL = (
+    "workers",
+    "log_every_steps",
+    "checkpoint.every_steps",
+    "checkpoint.keep",
+    "checkpoint.max_failures",
+    "audit_dir",
+    "data.cache",
+    "deepspeed.offload_optimizer",
+    "deepspeed.offload_params",
+)
 PREPARE_OPERATIONAL = ("ingest.batch_size", "ingest.examples_per_reason", "ingest.shard_mb")
-EVAL_OPERATIONAL = tuple(f"{bench}.infer.{name}" for bench in ("scienceqa", "llava_bench")
-                         for name in ("actors", "gpus_per_actor", "cpus_per_actor", "log_every_s"))
+EVAL_OPERATIONAL = tuple(
+    f"{bench}.infer.{name}"
+    for bench in ("scienceqa", "llava_bench")
+    for name in ("actors", "gpus_per_actor", "cpus_per_actor", "log_every_s")
+)
 SOURCE_KINDS = ("digits", "llava-json", "captions", "prepared", "none")
 
 
@@ -113,8 +124,9 @@ class PipelineConfig:
 
 def load_pipeline_config(path: str | None = None, overrides: list[str] | None = None) -> PipelineConfig:
     """defaults <- stage presets (stage1.preset / stage2.preset) <- YAML file <- `a.b=value` overrides."""
-    config = load_config(PipelineConfig, path, overrides,
-                         presets={"stage1": PRESETS["pretrain"], "stage2": PRESETS["finetune"]})
+    config = load_config(
+        PipelineConfig, path, overrides, presets={"stage1": PRESETS["pretrain"], "stage2": PRESETS["finetune"]}
+    )
     for split in SPLITS:
         if getattr(config.prepare, split).kind not in SOURCE_KINDS:
             raise ValueError(f"prepare.{split}.kind must be one of {SOURCE_KINDS}")
@@ -168,10 +180,19 @@ class Pipeline:
 
     def _prepare(self) -> StageRecord:
         c = self.config.prepare
-        outputs = {split: (getattr(c, split).uri or None) if getattr(c, split).kind == "prepared" else
-                   None if getattr(c, split).kind == "none" else self.uri("data", split) for split in SPLITS}
-        config = {**config_to_dict(c), "outputs": outputs,
-                  "base_dir": self.uri("base") if c.base_models == "tiny" else None}
+        outputs = {
+            split: (getattr(c, split).uri or None)
+            if getattr(c, split).kind == "prepared"
+            else None
+            if getattr(c, split).kind == "none"
+            else self.uri("data", split)
+            for split in SPLITS
+        }
+        config = {
+            **config_to_dict(c),
+            "outputs": outputs,
+            "base_dir": self.uri("base") if c.base_models == "tiny" else None,
+        }
 
         def work():
             from llava.data.prepare import prepare_captions, prepare_digits, prepare_llava_json
@@ -186,12 +207,21 @@ class Pipeline:
                 manifests.update({split: built[split] for split in digits})
             for split, s in sources.items():
                 if s.kind == "llava-json":
-                    manifests[split] = prepare_llava_json(s.json, s.images, outputs[split], s.source, c.ingest,
-                                                          overwrite=True)  # a re-run replaces the data as a whole
+                    manifests[split] = prepare_llava_json(
+                        s.json, s.images, outputs[split], s.source, c.ingest, overwrite=True
+                    )  # a re-run replaces the data as a whole
                 elif s.kind == "captions":
-                    manifests[split] = prepare_captions(s.pairs, s.images, outputs[split], s.seed,
-                                                        s.source or "captions", s.image_column, s.caption_column,
-                                                        c.ingest, overwrite=True)
+                    manifests[split] = prepare_captions(
+                        s.pairs,
+                        s.images,
+                        outputs[split],
+                        s.seed,
+                        s.source or "captions",
+                        s.image_column,
+                        s.caption_column,
+                        c.ingest,
+                        overwrite=True,
+                    )
                 elif s.kind == "prepared" and storage.exists(storage.join(s.uri, "_manifest.json")):
                     manifests[split] = Manifest.read(s.uri)
             out = {"data": {k: v for k, v in outputs.items() if v}}
@@ -232,14 +262,23 @@ class Pipeline:
             tracking = config_to_dict(self.stage_tracking(stage))
             result = train(config_from_dict(job_cls, {**config, "tracking": tracking}))
             losses = [m["loss"] for m in result.metrics if "loss" in m]
-            return ({"run_dir": result.run_dir, "model": result.model, "checkpoint": result.checkpoint},
-                    {"steps": result.steps, "loss_start": losses[0] if losses else None,
-                     "loss_end": losses[-1] if losses else None, "skipped_rows": result.skipped_rows})
+            return (
+                {"run_dir": result.run_dir, "model": result.model, "checkpoint": result.checkpoint},
+                {
+                    "steps": result.steps,
+                    "loss_start": losses[0] if losses else None,
+                    "loss_end": losses[-1] if losses else None,
+                    "skipped_rows": result.skipped_rows,
+                },
+            )
 
         def reset(old: StageRecord) -> list[str]:  # a new config must not resume the old run: moved aside
             checkpoint = old.config.get("checkpoint", {})  # also when it was interrupted (no outputs recorded)
-            planned = [storage.join(checkpoint["storage_path"], checkpoint["run_name"])] \
-                if checkpoint.get("storage_path") and checkpoint.get("run_name") else []
+            planned = (
+                [storage.join(checkpoint["storage_path"], checkpoint["run_name"])]
+                if checkpoint.get("storage_path") and checkpoint.get("run_name")
+                else []
+            )
             return [*planned, *([old.outputs["run_dir"]] if old.outputs.get("run_dir") else [])]
 
         return self.manifest.run_stage(stage, config, work, inputs, upstream, reset, TRAINING_OPERATIONAL)
@@ -248,19 +287,30 @@ class Pipeline:
         prep = self.records["prepare"]
         base = prep.outputs.get("base_models", {})
         config = self._train_config(
-            "stage1", PretrainConfig,
+            "stage1",
+            PretrainConfig,
             {"data.train": [prep.outputs["data"]["stage1"]] if prep.outputs["data"].get("stage1") else None},
-            {"model.vision_tower": base["vision_tower"], "model.llm": base["llm"]} if base else None)
-        return self._train("stage1", PretrainConfig, config, {"data.train": config["data"]["train"], **base},
-                           {"prepare": prep})
+            {"model.vision_tower": base["vision_tower"], "model.llm": base["llm"]} if base else None,
+        )
+        return self._train(
+            "stage1", PretrainConfig, config, {"data.train": config["data"]["train"], **base}, {"prepare": prep}
+        )
 
     def _stage2(self) -> StageRecord:
         prep, stage1 = self.records["prepare"], self.records["stage1"]
-        config = self._train_config("stage2", FinetuneConfig, {
-            "init_from": stage1.outputs["run_dir"],
-            "data.train": [prep.outputs["data"]["stage2"]] if prep.outputs["data"].get("stage2") else None})
-        inputs = {"data.train": config["data"]["train"], "init_from": config["init_from"],
-                  "stage1_model": stage1.outputs["model"]}  # a re-run stage 1 (new checkpoint) re-runs stage 2
+        config = self._train_config(
+            "stage2",
+            FinetuneConfig,
+            {
+                "init_from": stage1.outputs["run_dir"],
+                "data.train": [prep.outputs["data"]["stage2"]] if prep.outputs["data"].get("stage2") else None,
+            },
+        )
+        inputs = {
+            "data.train": config["data"]["train"],
+            "init_from": config["init_from"],
+            "stage1_model": stage1.outputs["model"],
+        }  # a re-run stage 1 (new checkpoint) re-runs stage 2
         return self._train("stage2", FinetuneConfig, config, inputs, {"prepare": prep, "stage1": stage1})
 
     def _eval(self) -> StageRecord:
@@ -274,8 +324,10 @@ class Pipeline:
                 bench.infer.out = bench.infer.out or self.uri("eval", name)
                 benchmarks[name] = config_to_dict(bench)
         heldout = c.heldout.enabled and heldout_data is not None
-        config = {"heldout": {**config_to_dict(c.heldout), "enabled": heldout, "data": heldout_data,
-                              "out": self.uri("eval")}, **benchmarks}
+        config = {
+            "heldout": {**config_to_dict(c.heldout), "enabled": heldout, "data": heldout_data, "out": self.uri("eval")},
+            **benchmarks,
+        }
 
         def work():
             self.ray()
@@ -294,15 +346,17 @@ class Pipeline:
                 else:
                     from llava.evaluation.llava_bench import evaluate_llava_bench as evaluate
                 log.info("eval: %s -> %s", name, bench["infer"]["out"])
-                metrics[name] = evaluate(config_from_dict(ScienceQAConfig if name == "scienceqa" else
-                                                          LlavaBenchConfig, bench))
+                metrics[name] = evaluate(
+                    config_from_dict(ScienceQAConfig if name == "scienceqa" else LlavaBenchConfig, bench)
+                )
                 outputs[name] = bench["infer"]["out"]
             numbers = {f"eval/{k}": v for k, v in flatten(metrics).items() if isinstance(v, (int, float))}
             log_to_run(stage2.outputs["run_dir"], numbers, step=stage2.metrics.get("steps") or 0)  # if tracked
             return outputs, metrics
 
-        return self.manifest.run_stage("eval", config, work, {"model": model}, {"stage2": stage2},
-                                       operational=EVAL_OPERATIONAL)
+        return self.manifest.run_stage(
+            "eval", config, work, {"model": model}, {"stage2": stage2}, operational=EVAL_OPERATIONAL
+        )
 
     def _export(self) -> StageRecord:
         stage2 = self.records["stage2"]
@@ -326,16 +380,20 @@ class Pipeline:
 
         c = self.config.serve
         export = self.records.get("export")
-        c.model = c.model or (export.outputs.get("path") if export and export.outputs else None) or \
-            self.records["stage2"].outputs["model"]
+        c.model = (
+            c.model
+            or (export.outputs.get("path") if export and export.outputs else None)
+            or self.records["stage2"].outputs["model"]
+        )
         os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
         self.ray()
         log.info("stage serve: serving %s (never skipped: it runs until Ctrl-C)", c.model)
         config = {k: v for k, v in config_to_dict(c).items() if k != "enabled"}
         url = run_local(config_from_dict(ServeConfig, config))
         urls = {"url": url, "openai_base_url": f"{url}/v1", "model": c.model_name, "chat_page": f"{url}/"}
-        self.manifest.stages["serve"] = StageRecord("serving", fingerprint(config), config, {"model": c.model},
-                                                    code=code_version(), outputs=urls, started=now())
+        self.manifest.stages["serve"] = StageRecord(
+            "serving", fingerprint(config), config, {"model": c.model}, code=code_version(), outputs=urls, started=now()
+        )
         self.manifest.save()
         return urls
 
@@ -346,7 +404,12 @@ class Pipeline:
 
 def summary(pipeline: Pipeline) -> dict:
     """The pipeline command's JSON line: per stage, whether it ran (and why), its outputs and metrics."""
-    return {"root": pipeline.root, "manifest": pipeline.manifest.uri, "stages": {
-        name: {"status": r.status, "ran": r.ran, "reason": r.reason, "outputs": r.outputs, "metrics": r.metrics}
-        for name, r in pipeline.records.items()}, "complete": all(r.status == COMPLETE
-                                                                   for r in pipeline.records.values())}
+    return {
+        "root": pipeline.root,
+        "manifest": pipeline.manifest.uri,
+        "stages": {
+            name: {"status": r.status, "ran": r.ran, "reason": r.reason, "outputs": r.outputs, "metrics": r.metrics}
+            for name, r in pipeline.records.items()
+        },
+        "complete": all(r.status == COMPLETE for r in pipeline.records.values()),
+    }

@@ -59,25 +59,42 @@ def env_pair(text: str) -> tuple[str, str]:
         return key, value
     if key not in os.environ:
         raise argparse.ArgumentTypeError(
-            f"--env {key}: {key} is not set here; export it first or pass --env {key}=VALUE")
+            f"--env {key}: {key} is not set here; export it first or pass --env {key}=VALUE"
+        )
     return key, os.environ[key]
 
 
 def add_submission_arguments(parser: argparse.ArgumentParser) -> None:
     """--address plus the flags that shape a remote submission (runtime environment, --detach)."""
     parser.add_argument(
-        "--address", default=None,
+        "--address",
+        default=None,
         help="Ray cluster. http(s)://HEAD:8265 (a dashboard) submits this command as a Ray job there and follows it; "
-             "HOST:PORT or 'auto' joins the cluster from here (default: RAY_ADDRESS, else a local Ray)")
+        "HOST:PORT or 'auto' joins the cluster from here (default: RAY_ADDRESS, else a local Ray)",
+    )
     remote = parser.add_argument_group("remote submission (with --address http(s)://HEAD:8265)")
-    remote.add_argument("--working-dir", default=None,
-                        help="upload this source tree and run it (python -m jobs.cli) instead of the llava-ray "
-                             "installed on the cluster; relative paths in the command resolve inside it")
-    remote.add_argument("--pip", action="append", default=[], metavar="REQUIREMENT",
-                        help="pip requirement installed into the job's environment (repeatable)")
-    remote.add_argument("--env", action="append", default=[], type=env_pair, metavar="KEY=VALUE|NAME",
-                        help="environment variable of the job (repeatable); NAME alone forwards this shell's "
-                             "$NAME without putting its value on the command line (use it for secrets)")
+    remote.add_argument(
+        "--working-dir",
+        default=None,
+        help="upload this source tree and run it (python -m jobs.cli) instead of the llava-ray "
+        "installed on the cluster; relative paths in the command resolve inside it",
+    )
+    remote.add_argument(
+        "--pip",
+        action="append",
+        default=[],
+        metavar="REQUIREMENT",
+        help="pip requirement installed into the job's environment (repeatable)",
+    )
+    remote.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        type=env_pair,
+        metavar="KEY=VALUE|NAME",
+        help="environment variable of the job (repeatable); NAME alone forwards this shell's "
+        "$NAME without putting its value on the command line (use it for secrets)",
+    )
     remote.add_argument("--detach", action="store_true", help="print the job id and return without following it")
 
 
@@ -110,8 +127,12 @@ class Submission:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, argv: list[str]) -> Submission:
-        return cls(tuple(argv), getattr(args, "working_dir", None), tuple(getattr(args, "pip", None) or ()),
-                   dict(getattr(args, "env", None) or ()))
+        return cls(
+            tuple(argv),
+            getattr(args, "working_dir", None),
+            tuple(getattr(args, "pip", None) or ()),
+            dict(getattr(args, "env", None) or ()),
+        )
 
     def job_argv(self) -> list[str]:
         """The arguments without the submission-only flags (--address X, --address=X, --pip X, --detach, ...)."""
@@ -161,9 +182,11 @@ def submit(args: argparse.Namespace, address: str, argv: list[str]) -> int:
     submission = Submission.from_args(args, argv)
     client = connect(address)
     job_id = client.submit_job(
-        entrypoint=submission.entrypoint(), runtime_env=submission.runtime_env(),
+        entrypoint=submission.entrypoint(),
+        runtime_env=submission.runtime_env(),
         submission_id=f"llava-ray-{args.command}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}",
-        metadata={"llava_ray_command": args.command})
+        metadata={"llava_ray_command": args.command},
+    )
     log.info("submitted Ray job %s to %s: %s", job_id, address, submission.entrypoint())
     emit({"job_id": job_id, "address": address, "status": "SUBMITTED"})
     if getattr(args, "detach", False):
@@ -209,6 +232,7 @@ def attach(client, job_id: str, address: str) -> int:
 
 def describe(info) -> dict:
     """JSON-able summary of a ray.job_submission.JobDetails / JobInfo."""
+
     def when(ms):
         return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="seconds") if ms else None
 
@@ -249,7 +273,7 @@ class _LogFollower:
         if line.startswith(RESULT_PREFIX):
             import json
 
-            self.results.append(json.loads(line[len(RESULT_PREFIX):]))
+            self.results.append(json.loads(line[len(RESULT_PREFIX) :]))
             self._emit(self.results[-1])
         else:
             sys.stderr.write(line + "\n")
@@ -265,7 +289,7 @@ class _LogFollower:
             done = client.get_job_status(job_id).value in TERMINAL
             logs = client.get_job_logs(job_id)
             if len(logs) > self.seen:
-                self.feed(logs[self.seen:])
+                self.feed(logs[self.seen :])
             if done:
                 return
             time.sleep(period_s)

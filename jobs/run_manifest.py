@@ -74,10 +74,19 @@ def code_version() -> dict:
     source = Path(__file__).resolve().parent.parent
     try:
         git = ["git", "-C", str(source)]
-        out["git_commit"] = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True,
-                                           timeout=5, check=True).stdout.strip() or None
-        status = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                text=True, timeout=5, check=True).stdout
+        out["git_commit"] = (
+            subprocess.run(
+                [*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+            ).stdout.strip()
+            or None
+        )
+        status = subprocess.run(
+            [*git, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout
         out["git_dirty"] = bool(status.strip())
     except (OSError, subprocess.SubprocessError):
         pass  # an installed package, or no git
@@ -130,8 +139,12 @@ class RunManifest:
         return cls(root, {name: StageRecord(**rec) for name, rec in data.get("stages", {}).items()})
 
     def save(self) -> None:
-        data = {"root": self.root, "updated": now(), "code": code_version(),
-                "stages": {name: rec.to_json() for name, rec in self.stages.items()}}
+        data = {
+            "root": self.root,
+            "updated": now(),
+            "code": code_version(),
+            "stages": {name: rec.to_json() for name, rec in self.stages.items()},
+        }
         storage.write_text(self.uri, json.dumps(data, indent=2))
 
     def decide(self, name: str, fp: str) -> tuple[bool, str]:
@@ -167,10 +180,16 @@ class RunManifest:
             moved[uri] = f"{uri}.v{n}"
         return moved
 
-    def run_stage(self, name: str, config: dict, work: Callable[[], tuple[dict, dict]], inputs: dict | None = None,
-                  upstream: dict[str, StageRecord] | None = None,
-                  reset: Callable[[StageRecord], list[str]] | None = None,
-                  operational: Iterable[str] = ()) -> StageRecord:
+    def run_stage(
+        self,
+        name: str,
+        config: dict,
+        work: Callable[[], tuple[dict, dict]],
+        inputs: dict | None = None,
+        upstream: dict[str, StageRecord] | None = None,
+        reset: Callable[[StageRecord], list[str]] | None = None,
+        operational: Iterable[str] = (),
+    ) -> StageRecord:
         """Run `work() -> (outputs, metrics)` unless the manifest says this exact stage is complete.
 
         `upstream` (name -> record) feeds the fingerprint, `operational` (dotted config paths) stays out of it.
@@ -193,8 +212,18 @@ class RunManifest:
             for uri, to in moved.items():
                 log.info("stage %s: its previous outputs %s moved aside to %s (results change)", name, uri, to)
             superseded.append({"fingerprint": old.fingerprint, "ended": old.ended, "moved": moved})
-        rec = StageRecord(RUNNING, fp, config, inputs, upstream_fps, code_version(), started=now(), ran=True,
-                          reason=why, superseded=superseded)
+        rec = StageRecord(
+            RUNNING,
+            fp,
+            config,
+            inputs,
+            upstream_fps,
+            code_version(),
+            started=now(),
+            ran=True,
+            reason=why,
+            superseded=superseded,
+        )
         self.stages[name] = rec
         self.save()
         try:

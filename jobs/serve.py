@@ -12,13 +12,19 @@ from jobs.arguments import add_config_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None,
-                        help="llava-ray checkpoint, training run dir, HF export, llava-hf or official LLaVA checkpoint "
-                             "(local or s3://); template=NAME sets the template of a checkpoint that records none")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="llava-ray checkpoint, training run dir, HF export, llava-hf or official LLaVA checkpoint "
+        "(local or s3://); template=NAME sets the template of a checkpoint that records none",
+    )
     parser.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", default=None, type=int, help="HTTP port (default 8000)")
-    parser.add_argument("--allow-unauthenticated", action="store_true",
-                        help="serve on a non-loopback --host without an API key (refused otherwise)")
+    parser.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="serve on a non-loopback --host without an API key (refused otherwise)",
+    )
     add_config_arguments(parser, "autoscaling.max_replicas=4 replica.num_gpus=1")
 
 
@@ -34,8 +40,12 @@ def run(args: argparse.Namespace) -> int:
 
     # --config: our fields, or a Serve config file (serve/config.yaml) whose app args they are
     layers = [serve_config_layer(args.config)] if args.config else []
-    given = {"model": args.model, "host": args.host, "port": args.port,
-             "allow_unauthenticated": "true" if args.allow_unauthenticated else None}
+    given = {
+        "model": args.model,
+        "host": args.host,
+        "port": args.port,
+        "allow_unauthenticated": "true" if args.allow_unauthenticated else None,
+    }
     config = load_config(ServeConfig, layers, [f"{k}={v}" for k, v in given.items() if v] + args.overrides)
     try:
         check_exposure(config)  # before starting anything: no API key on a non-loopback host needs the flag

@@ -12,8 +12,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index", type=int, default=0, help="which sample when the file holds a list")
     parser.add_argument("--max-length", type=int, default=2048)
     parser.add_argument("--image-tokens", type=int, default=576, help="placeholder tokens per image (576 = CLIP-L/336)")
-    parser.add_argument("--image-placement", choices=["start", "keep"], default="start",
-                        help="start: a turn's <image> moves to its start + newline (official LLaVA); keep: as written")
+    parser.add_argument(
+        "--image-placement",
+        choices=["start", "keep"],
+        default="start",
+        help="start: a turn's <image> moves to its start + newline (official LLaVA); keep: as written",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,7 +37,12 @@ def run(args: argparse.Namespace) -> int:
     num_images = 0 if images is None else (len(images) if isinstance(images, list) else 1)
     try:
         tokenized = tokenize_conversation(
-            sample["conversations"], tokenizer, args.template, args.image_tokens, args.max_length, num_images,
+            sample["conversations"],
+            tokenizer,
+            args.template,
+            args.image_tokens,
+            args.max_length,
+            num_images,
             args.image_placement,
         )
     except SampleRejected as error:

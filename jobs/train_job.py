@@ -10,7 +10,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default=None, help="a shipped preset applied under --config: v1, v1_5 or demo")
     add_submission_arguments(parser)
     parser.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL for every s3:// URI")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. optim.lr=1e-3 data.train=[s3://b/d]")
+    parser.add_argument(
+        "overrides", nargs="*", help="key.sub=value overrides, e.g. optim.lr=1e-3 data.train=[s3://b/d]"
+    )
 
 
 def run_train(job: str, args: argparse.Namespace) -> int:

@@ -97,8 +97,11 @@ def write_manifest(directory: str | Path, part: tuple[int, int] | None = None) -
 
     `part=(rank, world_size)`: this writer's part of a directory several processes fill."""
     directory = Path(directory)
-    files = {rel: {"size": (directory / rel).stat().st_size, "sha256": sha256_file(directory / rel)}
-             for rel in _relative_files(directory) if not is_manifest_name(rel)}
+    files = {
+        rel: {"size": (directory / rel).stat().st_size, "sha256": sha256_file(directory / rel)}
+        for rel in _relative_files(directory)
+        if not is_manifest_name(rel)
+    }
     data: dict = {"format": FORMAT, "complete": True, "files": files}
     if part is not None:
         data["part"] = {"rank": part[0], "of": part[1]}
@@ -154,16 +157,21 @@ def combine(texts: dict[str, str], where: str) -> dict[str, Entry]:
         (world,) = worlds
         missing = sorted(set(range(world)) - ranks)
         if missing:
-            raise ManifestError(f"{where}: manifest part(s) {', '.join(part_name(r, world) for r in missing)} "
-                                f"missing: a writer's files are not accounted for")
+            raise ManifestError(
+                f"{where}: manifest part(s) {', '.join(part_name(r, world) for r in missing)} "
+                f"missing: a writer's files are not accounted for"
+            )
     return listed
 
 
 def read_local(directory: str | Path) -> dict[str, Entry]:
     """The files `directory`'s manifests list (see :func:`combine`); nothing is hashed."""
     directory = Path(directory)
-    texts = {p.name: p.read_text() for p in directory.iterdir() if p.is_file() and is_manifest_name(p.name)} \
-        if directory.is_dir() else {}
+    texts = (
+        {p.name: p.read_text() for p in directory.iterdir() if p.is_file() and is_manifest_name(p.name)}
+        if directory.is_dir()
+        else {}
+    )
     return combine(texts, str(directory))
 
 
@@ -186,8 +194,10 @@ def verify(directory: str | Path) -> dict[str, Entry]:
             raise ManifestError(f"{directory}: {rel} was modified: its sha256 differs from the manifest's")
     extra = [rel for rel in _relative_files(directory) if rel not in listed and not is_manifest_name(rel)]
     if extra:
-        raise ManifestError(f"{directory}: {extra[0]} is not listed in its manifest (refusing a directory with "
-                            f"unlisted files{f', {len(extra)} in all' if len(extra) > 1 else ''})")
+        raise ManifestError(
+            f"{directory}: {extra[0]} is not listed in its manifest (refusing a directory with "
+            f"unlisted files{f', {len(extra)} in all' if len(extra) > 1 else ''})"
+        )
     return listed
 
 
@@ -196,9 +206,13 @@ def verify_or_warn(directory: str | Path, what: str = "model") -> bool:
     try:
         verify(directory)
     except NoManifestError:
-        log.warning("%s %s has no %s: its files are not verified (written before checksum manifests, or not "
-                    "by llava-ray; `python -m llava.artifact_manifest write DIR` vouches for it)",
-                    what, directory, MANIFEST_FILE)
+        log.warning(
+            "%s %s has no %s: its files are not verified (written before checksum manifests, or not "
+            "by llava-ray; `python -m llava.artifact_manifest write DIR` vouches for it)",
+            what,
+            directory,
+            MANIFEST_FILE,
+        )
         return False
     return True
 
@@ -222,8 +236,10 @@ def clear_destination(out: str | Path) -> Path:
     if not names:
         return out
     if not _holds_manifest(names):
-        raise ManifestError(f"{out}: not empty and not a previous llava-ray artifact (no {MANIFEST_FILE}): "
-                            f"refusing to overwrite it; choose an empty or new directory")
+        raise ManifestError(
+            f"{out}: not empty and not a previous llava-ray artifact (no {MANIFEST_FILE}): "
+            f"refusing to overwrite it; choose an empty or new directory"
+        )
     (out / MANIFEST_FILE).write_text(incomplete_manifest())  # readers refuse it from here on
     for path in out.iterdir():
         if path.name != MANIFEST_FILE:

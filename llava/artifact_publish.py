@@ -41,10 +41,12 @@ def publish(local_dir: str | Path, uri: str) -> None:
             shutil.copyfile(local_dir / rel, target / rel)
         return
     existing = storage.list_files(uri) if storage.exists(uri) else []
-    names = [u[len(uri.rstrip("/")) + 1:] for u in existing]
+    names = [u[len(uri.rstrip("/")) + 1 :] for u in existing]
     if names and not _holds_manifest(names):
-        raise ManifestError(f"{uri}: not empty and not a previous llava-ray artifact (no {MANIFEST_FILE}): "
-                            f"refusing to overwrite it; choose an empty or new prefix")
+        raise ManifestError(
+            f"{uri}: not empty and not a previous llava-ray artifact (no {MANIFEST_FILE}): "
+            f"refusing to overwrite it; choose an empty or new prefix"
+        )
     if names:
         storage.write_text(storage.join(uri, MANIFEST_FILE), incomplete_manifest())  # readers refuse it from here on
         for name in names:

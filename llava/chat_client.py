@@ -53,8 +53,12 @@ class ChatClient:
         if not config.url or not config.model:
             raise ValueError("an OpenAI-compatible endpoint needs a url and a model name")
         self.config = config
-        self.client = openai.OpenAI(base_url=config.url, api_key=os.environ.get(config.api_key_env or "", "") or "EMPTY",
-                                    timeout=config.timeout_s, max_retries=config.max_retries)
+        self.client = openai.OpenAI(
+            base_url=config.url,
+            api_key=os.environ.get(config.api_key_env or "", "") or "EMPTY",
+            timeout=config.timeout_s,
+            max_retries=config.max_retries,
+        )
         self.limiter = RateLimiter(config.requests_per_minute)
 
     def complete(self, messages: list[dict], **params) -> str:

@@ -111,8 +111,15 @@ def build_chat_template(template: Template, image_placement: str = "start", afte
         first_head, first_tail = _split(template.first_user_format)
         before_system, after_system = _split(first_head, "{system}")
         first_block = (
-            "{%- if system -%}" + _literal(before_system) + "{{ system }}" + _literal(after_system)
-            + user_content + _literal(first_tail) + "{%- else -%}" + user_block + "{%- endif -%}"
+            "{%- if system -%}"
+            + _literal(before_system)
+            + "{{ system }}"
+            + _literal(after_system)
+            + user_content
+            + _literal(first_tail)
+            + "{%- else -%}"
+            + user_block
+            + "{%- endif -%}"
         )
 
     system_block = ""
@@ -120,17 +127,27 @@ def build_chat_template(template: Template, image_placement: str = "start", afte
         before_system, after_system = (template.system_format.split("{system}") + [""])[:2]
         condition = "true" if template.system_always else "system"
         system_block = (
-            "{%- if " + condition + " -%}" + _literal(before_system) + "{{ system }}" + _literal(after_system)
+            "{%- if "
+            + condition
+            + " -%}"
+            + _literal(before_system)
+            + "{{ system }}"
+            + _literal(after_system)
             + "{%- endif -%}"
         )
     # llama_2: BOS before every [INST]; the first one is the leading BOS written below
-    bos_turn = "{%- if not loop.first -%}{{ bos_token }}{%- endif -%}" if template.bos and template.bos_each_user_turn else ""
+    bos_turn = (
+        "{%- if not loop.first -%}{{ bos_token }}{%- endif -%}" if template.bos and template.bos_each_user_turn else ""
+    )
     leading_bos = ""
     if template.bos:
         # no word-start fix before text that already starts with a space, nor before an image (plain)
         leading_bos = (
-            "{{ bos_token }}{%- if not (body.startswith(' ') or body.startswith(" + _IMAGE + ")) -%}"
-            + _literal(after_bos) + "{%- endif -%}"
+            "{{ bos_token }}{%- if not (body.startswith(' ') or body.startswith("
+            + _IMAGE
+            + ")) -%}"
+            + _literal(after_bos)
+            + "{%- endif -%}"
         )
 
     return (
@@ -146,13 +163,18 @@ def build_chat_template(template: Template, image_placement: str = "start", afte
         + "{%- if message['role'] == 'user' -%}"
         + _place_image(image_placement)
         + bos_turn
-        + "{%- if loop.first -%}" + first_block + "{%- else -%}" + user_block + "{%- endif -%}"
+        + "{%- if loop.first -%}"
+        + first_block
+        + "{%- else -%}"
+        + user_block
+        + "{%- endif -%}"
         "{%- else -%}"
-        + _literal(assistant_head) + "{{ content }}" + _literal(assistant_tail)
-        + _literal(template.assistant_end) + _literal(template.turn_separator)
+        + _literal(assistant_head)
+        + "{{ content }}"
+        + _literal(assistant_tail)
+        + _literal(template.assistant_end)
+        + _literal(template.turn_separator)
         + "{%- endif -%}"
         "{%- endfor -%}"
-        "{%- endset -%}"
-        + leading_bos
-        + "{{ body }}"
+        "{%- endset -%}" + leading_bos + "{{ body }}"
     )

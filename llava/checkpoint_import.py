@@ -47,14 +47,28 @@ LLAVA_RAY, LLAVA_HF, LLAVA_OFFICIAL = "llava-ray", "llava-hf", "llava-official"
 # The conversation template official checkpoints were trained with in LLaVA-1.5 (`--version v1`).
 OFFICIAL_DEFAULT_TEMPLATE = "vicuna_v1"
 # Weight files in the order they are looked for: safetensors first, a sharded set through its index.
-WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
+WEIGHT_FILES = (
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+)
 # Official model types and the plain causal LM their config describes (LlavaMptForCausalLM renames the
 # whole transformer and is not supported).
 _OFFICIAL_LLM_TYPES = {"llava_llama": "llama", "llava": "llama", "llava_mistral": "mistral"}
 # config.json keys the official code adds to the LLM's own config (llava/train/train.py, llava_arch.py).
-_OFFICIAL_EXTRA_KEYS = {"image_aspect_ratio", "image_grid_pinpoints", "tokenizer_model_max_length",
-                        "tokenizer_padding_side", "tune_mm_mlp_adapter", "freeze_mm_mlp_adapter",
-                        "unfreeze_mm_vision_tower", "use_mm_proj", "architectures", "model_type"}
+_OFFICIAL_EXTRA_KEYS = {
+    "image_aspect_ratio",
+    "image_grid_pinpoints",
+    "tokenizer_model_max_length",
+    "tokenizer_padding_side",
+    "tune_mm_mlp_adapter",
+    "freeze_mm_mlp_adapter",
+    "unfreeze_mm_vision_tower",
+    "use_mm_proj",
+    "architectures",
+    "model_type",
+}
 # Official parameter names -> ours (first matching prefix wins).
 _OFFICIAL_PREFIXES = [
     ("model.mm_projector.", "projector."),
@@ -96,8 +110,10 @@ def detect_layout(uri: str) -> str:
         return LLAVA_RAY
     config_file = storage.join(uri, "config.json")
     if not storage.exists(config_file):
-        raise CheckpointError(f"{uri} is not a model checkpoint: it has neither {CONFIG_FILE} (llava-ray) "
-                              f"nor config.json (llava-hf or official LLaVA)")
+        raise CheckpointError(
+            f"{uri} is not a model checkpoint: it has neither {CONFIG_FILE} (llava-ray) "
+            f"nor config.json (llava-hf or official LLaVA)"
+        )
     config = _read_json(config_file)
     if "mm_vision_tower" in config or "mm_projector_type" in config:
         return LLAVA_OFFICIAL
@@ -106,7 +122,8 @@ def detect_layout(uri: str) -> str:
     raise CheckpointError(
         f"{config_file} describes neither an official LLaVA checkpoint (no mm_vision_tower / mm_projector_type) "
         f"nor a llava-hf LlavaForConditionalGeneration (model_type {config.get('model_type')!r}); "
-        f"architectures: {config.get('architectures')}")
+        f"architectures: {config.get('architectures')}"
+    )
 
 
 # ---- reading weights ----------------------------------------------------------------------------------------
@@ -120,8 +137,11 @@ def read_pickle_weights(file: str | Path) -> dict[str, torch.Tensor]:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(
             f"refused {file}: not a plain-tensor torch checkpoint (torch.load with weights_only=True failed: "
-            f"{first_line})") from error
-    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()):
+            f"{first_line})"
+        ) from error
+    if not isinstance(data, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()
+    ):
         raise CheckpointError(f"refused {file}: expected a dict of parameter name -> tensor, got {type(data).__name__}")
     return data
 
@@ -195,18 +215,23 @@ def load_component(module: nn.Module, state: dict[str, torch.Tensor], what: str,
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)} expected" for k, v in expected.items()
-              if k in state and state[k].shape != v.shape]
+    shapes = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)} expected"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
     if missing or unexpected or shapes:
-        problems = [f"{len(missing)} missing (e.g. {missing[:3]})" if missing else "",
-                    f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})" if unexpected else "",
-                    f"shape mismatch ({'; '.join(shapes[:3])})" if shapes else ""]
+        problems = [
+            f"{len(missing)} missing (e.g. {missing[:3]})" if missing else "",
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})" if unexpected else "",
+            f"shape mismatch ({'; '.join(shapes[:3])})" if shapes else "",
+        ]
         raise CheckpointError(f"{source}: the {what} weights do not fit: " + ", ".join(p for p in problems if p))
     module.load_state_dict(state, strict=True)
 
 
 def _split(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 # ---- official LLaVA (LlavaLlamaForCausalLM) --------------------------------------------------------------
@@ -222,7 +247,7 @@ def official_to_ours(state: dict[str, torch.Tensor], source: str) -> dict[str, t
         if prefix is None:
             unknown.append(key)
         else:
-            converted[prefix[1] + key[len(prefix[0]):]] = value
+            converted[prefix[1] + key[len(prefix[0]) :]] = value
     if unknown:
         raise CheckpointError(f"{source}: parameters that are not part of an official LLaVA checkpoint: {unknown[:5]}")
     return converted
@@ -233,8 +258,9 @@ def _processor_settings(vision_source: str) -> dict:
     from transformers.utils import cached_file
 
     try:
-        file = cached_file(_local(vision_source), "preprocessor_config.json",
-                           _raise_exceptions_for_missing_entries=False)
+        file = cached_file(
+            _local(vision_source), "preprocessor_config.json", _raise_exceptions_for_missing_entries=False
+        )
     except OSError:
         return {}
     return json.loads(Path(file).read_text()) if file else {}
@@ -242,6 +268,7 @@ def _processor_settings(vision_source: str) -> dict:
 
 def official_model_config(config: dict, source: str, vision_config, template: str | None = None) -> ModelConfig:
     """Our ModelConfig for an official config.json (`mm_*` fields as llava/model/llava_arch.py reads them)."""
+
     def refuse(what: str) -> CheckpointError:
         return CheckpointError(f"{source}/config.json: {what} is not supported")
 
@@ -259,15 +286,21 @@ def official_model_config(config: dict, source: str, vision_config, template: st
         raise refuse(f"mm_projector_type={projector!r}")
     processor = _processor_settings(config["mm_vision_tower"])
     return ModelConfig(
-        vision_tower=config["mm_vision_tower"], llm=source, tokenizer=source,
+        vision_tower=config["mm_vision_tower"],
+        llm=source,
+        tokenizer=source,
         select_layer=int(config["mm_vision_select_layer"]),
         select_feature=config.get("mm_vision_select_feature", "patch"),
         projector=ProjectorConfig(type=projector),
         template=template or OFFICIAL_DEFAULT_TEMPLATE,
         max_length=int(config.get("tokenizer_model_max_length") or config.get("max_position_embeddings") or 2048),
         # Official preprocessing: expand2square for "pad", else the CLIP processor (resize + centre crop).
-        image=ImageConfig(size=vision_config.image_size, aspect="pad" if aspect == "pad" else "crop",
-                          mean=processor.get("image_mean", CLIP_MEAN), std=processor.get("image_std", CLIP_STD)),
+        image=ImageConfig(
+            size=vision_config.image_size,
+            aspect="pad" if aspect == "pad" else "crop",
+            mean=processor.get("image_mean", CLIP_MEAN),
+            std=processor.get("image_std", CLIP_STD),
+        ),
     )
 
 
@@ -277,8 +310,10 @@ def official_llm_config(config: dict, source: str):
 
     llm_type = _OFFICIAL_LLM_TYPES.get(config.get("model_type"))
     if llm_type is None:
-        raise CheckpointError(f"{source}/config.json: model_type {config.get('model_type')!r} is not supported "
-                              f"(supported: {sorted(_OFFICIAL_LLM_TYPES)})")
+        raise CheckpointError(
+            f"{source}/config.json: model_type {config.get('model_type')!r} is not supported "
+            f"(supported: {sorted(_OFFICIAL_LLM_TYPES)})"
+        )
     fields = {k: v for k, v in config.items() if not k.startswith("mm_") and k not in _OFFICIAL_EXTRA_KEYS}
     return AutoConfig.for_model(llm_type, **fields)
 
@@ -290,8 +325,10 @@ def vision_tower_config(source: str):
     try:
         found = AutoConfig.from_pretrained(_local(source))
     except (OSError, ValueError) as error:  # ValueError: not a valid hub id either
-        raise CheckpointError(f"cannot read the vision tower config of {source!r} (mm_vision_tower): {error}. "
-                              f"Point mm_vision_tower in config.json at a local CLIP directory") from error
+        raise CheckpointError(
+            f"cannot read the vision tower config of {source!r} (mm_vision_tower): {error}. "
+            f"Point mm_vision_tower in config.json at a local CLIP directory"
+        ) from error
     return getattr(found, "vision_config", found)
 
 
@@ -313,8 +350,9 @@ def import_official(path: str | Path, template: str | None = None) -> ImportedPa
     vision_state = _split(state, "vision_tower.")
     if not vision_state:  # the tower was frozen and not saved: load it from mm_vision_tower
         vision_state = _tower_weights(config.vision_tower)
-    return _assemble(config, vision_config, llm_config, vision_state, _split(state, "projector."),
-                     _split(state, "llm."), str(path))
+    return _assemble(
+        config, vision_config, llm_config, vision_state, _split(state, "projector."), _split(state, "llm."), str(path)
+    )
 
 
 def _tower_weights(source: str) -> dict[str, torch.Tensor]:
@@ -346,23 +384,33 @@ def describe_llava_hf(uri: str, template: str | None = None) -> tuple[ModelConfi
         config = config_from_dict(ModelConfig, {**meta["model"], **({"template": template} if template else {})})
     else:
         if not isinstance(hf_config.vision_feature_layer, int):
-            raise CheckpointError(f"{uri}/config.json: vision_feature_layer={hf_config.vision_feature_layer!r} "
-                                  f"(several layers) is not supported")
+            raise CheckpointError(
+                f"{uri}/config.json: vision_feature_layer={hf_config.vision_feature_layer!r} "
+                f"(several layers) is not supported"
+            )
         if hf_config.projector_hidden_act != "gelu":
-            raise CheckpointError(f"{uri}/config.json: projector_hidden_act={hf_config.projector_hidden_act!r} "
-                                  f"is not supported (only gelu, as in LLaVA-1.5)")
+            raise CheckpointError(
+                f"{uri}/config.json: projector_hidden_act={hf_config.projector_hidden_act!r} "
+                f"is not supported (only gelu, as in LLaVA-1.5)"
+            )
         processor_file = storage.join(uri, "preprocessor_config.json")
         processor = _read_json(processor_file) if storage.exists(processor_file) else {}
-        log.warning("%s has no %s: assuming the %s template", uri, EXPORT_META_FILE,
-                    template or OFFICIAL_DEFAULT_TEMPLATE)
+        log.warning(
+            "%s has no %s: assuming the %s template", uri, EXPORT_META_FILE, template or OFFICIAL_DEFAULT_TEMPLATE
+        )
         config = ModelConfig(
             select_layer=hf_config.vision_feature_layer,
             select_feature="patch" if hf_config.vision_feature_select_strategy == "default" else "cls_patch",
-            projector=ProjectorConfig(type="mlp2x_gelu"), template=template or OFFICIAL_DEFAULT_TEMPLATE,
+            projector=ProjectorConfig(type="mlp2x_gelu"),
+            template=template or OFFICIAL_DEFAULT_TEMPLATE,
             max_length=hf_config.text_config.max_position_embeddings,
-            image=ImageConfig(size=hf_config.vision_config.image_size,
-                              aspect="pad" if processor.get("do_pad") else "crop",
-                              mean=processor.get("image_mean", CLIP_MEAN), std=processor.get("image_std", CLIP_STD)))
+            image=ImageConfig(
+                size=hf_config.vision_config.image_size,
+                aspect="pad" if processor.get("do_pad") else "crop",
+                mean=processor.get("image_mean", CLIP_MEAN),
+                std=processor.get("image_std", CLIP_STD),
+            ),
+        )
     config.vision_tower = config.llm = config.tokenizer = uri
     return config, hf_config.vision_config, hf_config.text_config
 
@@ -377,8 +425,15 @@ def import_llava_hf(path: str | Path, template: str | None = None) -> ImportedPa
         state = from_hf_state_dict(read_weights(path))
     except KeyError as error:
         raise CheckpointError(f"{path}: {error.args[0]}") from error
-    return _assemble(config, vision_config, llm_config, _split(state, "vision_tower."), _split(state, "projector."),
-                     _split(state, "llm."), str(path))
+    return _assemble(
+        config,
+        vision_config,
+        llm_config,
+        _split(state, "vision_tower."),
+        _split(state, "projector."),
+        _split(state, "llm."),
+        str(path),
+    )
 
 
 # ---- both ---------------------------------------------------------------------------------------------------
@@ -390,10 +445,13 @@ def describe(uri: str, template: str | None = None) -> tuple[ModelConfig, Any, A
     if layout == LLAVA_RAY:
         raise CheckpointError(f"{uri} is a llava-ray checkpoint, not a foreign one")
     config, vision_config, llm_config = (describe_official if layout == LLAVA_OFFICIAL else describe_llava_hf)(
-        uri, template)
+        uri, template
+    )
     if getattr(vision_config, "model_type", None) != "clip_vision_model":  # our model runs a CLIPVisionModel
-        raise CheckpointError(f"{uri}: vision tower {getattr(vision_config, 'model_type', None)!r} is not supported "
-                              f"(only CLIP vision towers, as in LLaVA-1.5)")
+        raise CheckpointError(
+            f"{uri}: vision tower {getattr(vision_config, 'model_type', None)!r} is not supported "
+            f"(only CLIP vision towers, as in LLaVA-1.5)"
+        )
     return config, vision_config, llm_config
 
 
@@ -405,8 +463,15 @@ def import_checkpoint(path: str | Path, template: str | None = None) -> Imported
     return import_llava_hf(path, template)
 
 
-def _assemble(config: ModelConfig, vision_config, llm_config, vision_state: dict, projector_state: dict,
-              llm_state: dict, source: str) -> ImportedParts:
+def _assemble(
+    config: ModelConfig,
+    vision_config,
+    llm_config,
+    vision_state: dict,
+    projector_state: dict,
+    llm_state: dict,
+    source: str,
+) -> ImportedParts:
     """Build the three components from their configs (no random init) and load each one's weights."""
     from transformers import AutoModelForCausalLM, CLIPVisionModel
     from transformers.initialization import no_init_weights
@@ -438,7 +503,7 @@ def _fit_clip_prefix(state: dict[str, torch.Tensor], vision: nn.Module) -> dict[
     expects_prefix = any(k.startswith("vision_model.") for k in vision.state_dict())
     has_prefix = bool(state) and all(k.startswith("vision_model.") for k in state)
     if has_prefix and not expects_prefix:
-        return {k[len("vision_model."):]: v for k, v in state.items()}
+        return {k[len("vision_model.") :]: v for k, v in state.items()}
     if expects_prefix and state and not has_prefix:
         return {"vision_model." + k: v for k, v in state.items()}
     return state

@@ -28,7 +28,9 @@ class ImageConfig:
     """How a decoded image becomes `pixel_values` (LLaVA-1.5 uses aspect=pad)."""
 
     size: int = 336
-    aspect: str = "pad"  # pad (to square with the mean colour) | resize (squash) | crop (CLIP: shortest edge + centre crop)
+    aspect: str = (
+        "pad"  # pad (to square with the mean colour) | resize (squash) | crop (CLIP: shortest edge + centre crop)
+    )
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
     max_pixels: int = 64_000_000  # decoded width * height above this is refused as a decompression bomb
@@ -127,8 +129,12 @@ class Presets:
         return found
 
 
-def load_config(cls: type[T], path: Layer | list[Layer] | None = None, overrides: list[str] | None = None,
-                presets: dict[str, Presets] | None = None) -> T:
+def load_config(
+    cls: type[T],
+    path: Layer | list[Layer] | None = None,
+    overrides: list[str] | None = None,
+    presets: dict[str, Presets] | None = None,
+) -> T:
     """The one way every job builds its config: `cls`'s defaults, then presets, then layers, then overrides.
 
     Layers are YAML files or dicts of fields, in order (later wins); overrides are `a.b=value` strings.
@@ -153,8 +159,9 @@ def load_config(cls: type[T], path: Layer | list[Layer] | None = None, overrides
             name = OmegaConf.select(chosen, f"{section}.preset" if section else "preset")
             if name:
                 preset = OmegaConf.load(str(files.path(str(name), section)))
-                preset = _auto_to_none(preset, [f[len(section) + 1:] for f in auto if f.startswith(section + ".")]
-                                       if section else auto)
+                preset = _auto_to_none(
+                    preset, [f[len(section) + 1 :] for f in auto if f.startswith(section + ".")] if section else auto
+                )
                 merged = OmegaConf.merge(merged, _nest(section, preset))
     return OmegaConf.to_object(OmegaConf.merge(merged, *given))
 
@@ -197,8 +204,9 @@ def config_to_dict(config: Any) -> dict:
 
 def config_from_dict(cls: type[T], data: dict) -> T:
     """Inverse of `config_to_dict`, with the same type checks (and "auto") as `load_config`."""
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls),
-                                               _auto_to_none(OmegaConf.create(data), tri_state_fields(cls))))
+    return OmegaConf.to_object(
+        OmegaConf.merge(OmegaConf.structured(cls), _auto_to_none(OmegaConf.create(data), tri_state_fields(cls)))
+    )
 
 
 def _plain(value: Any) -> Any:

@@ -78,7 +78,7 @@ def _stop_prefix_at_end(text: str, stop: str) -> int:
             k = fail[k - 1]
         fail[i] = k + (stop[i] == stop[k])
     matched = 0
-    for char in text[-(len(stop) - 1):]:
+    for char in text[-(len(stop) - 1) :]:
         while matched and (matched == len(stop) or char != stop[matched]):
             matched = fail[matched - 1]
         matched += char == stop[matched]
@@ -126,7 +126,7 @@ def advance(row: RowState, token: int, tokenizer, stop_ids: set[int]) -> StepOut
     if row.finish_reason:
         row.text = row.text.rstrip()
     end = len(row.text) if row.finish_reason else len(row.text) - _held_back(row.text, row.stops)
-    delta = row.text[row.sent:end] if end > row.sent else ""
+    delta = row.text[row.sent : end] if end > row.sent else ""
     row.sent = max(row.sent, end)
     return StepOutput(delta, row.finish_reason, len(row.tokens))
 
@@ -141,8 +141,9 @@ class BatchDecoder:
 
     def _prefill(self):
         model = self.model
-        input_ids, attention, pixel_values = left_padded_batch(self.prompts, model.tokenizer.pad_token_id,
-                                                               next(model.parameters()).device)
+        input_ids, attention, pixel_values = left_padded_batch(
+            self.prompts, model.tokenizer.pad_token_id, next(model.parameters()).device
+        )
         embeds = model.embed(input_ids, pixel_values)  # (B, L, D)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)  # (B, L): padding does not shift positions
         out = model.llm(inputs_embeds=embeds, attention_mask=attention, position_ids=positions, use_cache=True)
@@ -177,8 +178,13 @@ class BatchDecoder:
             tokens = torch.tensor(next_tokens, device=attention.device).unsqueeze(1)  # (B, 1)
             attention = torch.cat([attention, torch.ones_like(tokens)], dim=1)  # (B, L + t)
             positions = positions + 1  # (B, 1)
-            out = self.model.llm(inputs_embeds=embedding(tokens), attention_mask=attention, position_ids=positions,
-                                 past_key_values=cache, use_cache=True)
+            out = self.model.llm(
+                inputs_embeds=embedding(tokens),
+                attention_mask=attention,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+            )
             logits, cache = out.logits[:, -1], out.past_key_values
 
     def run(self) -> list[str]:

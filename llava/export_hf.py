@@ -60,7 +60,7 @@ def _renamed(state_dict: dict[str, torch.Tensor], prefixes: list[tuple[str, str]
         old, new = next(((old, new) for old, new in prefixes if key.startswith(old)), (None, None))
         if old is None:
             raise KeyError(f"{unknown} {key!r}")
-        converted[new + key[len(old):]] = value
+        converted[new + key[len(old) :]] = value
     return converted
 
 
@@ -102,12 +102,18 @@ def build_image_processor(image: ImageConfig):
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
     square = {"height": image.size, "width": image.size}
-    common = dict(image_mean=list(image.mean), image_std=list(image.std), resample=PILImageResampling.BICUBIC,
-                  crop_size=square, do_convert_rgb=True)
+    common = dict(
+        image_mean=list(image.mean),
+        image_std=list(image.std),
+        resample=PILImageResampling.BICUBIC,
+        crop_size=square,
+        do_convert_rgb=True,
+    )
     if image.aspect == "resize":
         return LlavaImageProcessorPil(size=square, do_center_crop=False, do_pad=False, **common)
-    return LlavaImageProcessorPil(size={"shortest_edge": image.size}, do_center_crop=True,
-                                  do_pad=image.aspect == "pad", **common)
+    return LlavaImageProcessorPil(
+        size={"shortest_edge": image.size}, do_center_crop=True, do_pad=image.aspect == "pad", **common
+    )
 
 
 def export_tokenizer(tokenizer):
@@ -138,7 +144,9 @@ def make_processor(config: ModelConfig, tokenizer, patch_size: int):
     from transformers import LlavaProcessor
 
     tokenizer = export_tokenizer(tokenizer)
-    chat_template = build_chat_template(get_template(config.template), config.image_placement, text_after_bos(tokenizer))
+    chat_template = build_chat_template(
+        get_template(config.template), config.image_placement, text_after_bos(tokenizer)
+    )
     return LlavaProcessor(
         image_processor=build_image_processor(config.image),
         tokenizer=tokenizer,
@@ -151,7 +159,7 @@ def make_processor(config: ModelConfig, tokenizer, patch_size: int):
 
 _PIXELS = {
     "pad": "pads the image to a square with the mean colour (`do_pad: true`), then resizes it to {size}x{size}, as "
-           "official LLaVA-1.5 training does",
+    "official LLaVA-1.5 training does",
     "crop": "resizes the shortest edge to {size} and centre-crops {size}x{size} (CLIP preprocessing)",
     "resize": "resizes the image to {size}x{size} without keeping its aspect ratio",
 }
@@ -161,12 +169,15 @@ def export_readme(model) -> str:
     """README.md of an HF export: how to prompt it and feed it images the way it was trained."""
     image, template = model.config.image, get_template(model.config.template)
     pixels = _PIXELS[image.aspect].format(size=image.size)
-    placement = (" (a user turn's single image goes first, as `<image>\\n`)"
-                 if model.config.image_placement == "start" else "")
+    placement = (
+        " (a user turn's single image goes first, as `<image>\\n`)" if model.config.image_placement == "start" else ""
+    )
     if template.bos:
-        bos = (f"The template writes the BOS token `{model.tokenizer.bos_token}` itself and the tokenizer adds none "
-               "(`add_bos_token: false`), so every path through the template has exactly one; a prompt written "
-               "by hand must start with it.")
+        bos = (
+            f"The template writes the BOS token `{model.tokenizer.bos_token}` itself and the tokenizer adds none "
+            "(`add_bos_token: false`), so every path through the template has exactly one; a prompt written "
+            "by hand must start with it."
+        )
     else:
         bos = "Prompts start without a BOS token, as in training; the tokenizer adds none (`add_bos_token: false`)."
     fill = tuple(int(m * 255) for m in image.mean)
@@ -210,8 +221,10 @@ def export_hf(model, out: str | Path) -> ExportResult:
     else:
         fmt = _write_export(model, clear_destination(out))
     if fmt == "llava-ray":
-        message = (f"projector {model.config.projector.type!r} has no LlavaForConditionalGeneration equivalent "
-                   f"(only mlp2x_gelu does): wrote a llava-ray checkpoint to {out} instead")
+        message = (
+            f"projector {model.config.projector.type!r} has no LlavaForConditionalGeneration equivalent "
+            f"(only mlp2x_gelu does): wrote a llava-ray checkpoint to {out} instead"
+        )
         log.warning(message)
     else:
         message = f"wrote a LlavaForConditionalGeneration + LlavaProcessor directory to {out}"
@@ -237,7 +250,8 @@ def _write_export(model, out: Path) -> str:
     hf_model.save_pretrained(out, safe_serialization=True)
     build_processor(model).save_pretrained(out)
     (out / "README.md").write_text(export_readme(model))
-    (out / EXPORT_META_FILE).write_text(json.dumps({"template": model.config.template,
-                                                   "model": config_to_dict(model.config)}, indent=2))
+    (out / EXPORT_META_FILE).write_text(
+        json.dumps({"template": model.config.template, "model": config_to_dict(model.config)}, indent=2)
+    )
     write_manifest(out)
     return "hf-llava"

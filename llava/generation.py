@@ -32,11 +32,18 @@ class EncodedPrompt:
 
 def encode_prompt(model, prompt: Prompt) -> EncodedPrompt:
     """Raises SampleRejected / ImageError / PromptTooLong, naming what is wrong with this prompt."""
-    ids, n_images = tokenize_prompt(prompt.messages, model.tokenizer, model.config.template,
-                                    model.num_image_tokens, model.config.max_length, model.config.image_placement)
+    ids, n_images = tokenize_prompt(
+        prompt.messages,
+        model.tokenizer,
+        model.config.template,
+        model.num_image_tokens,
+        model.config.max_length,
+        model.config.image_placement,
+    )
     if n_images != len(prompt.images):
-        raise SampleRejected("image_count_mismatch",
-                             f"the prompt has {n_images} <image> marker(s) but {len(prompt.images)} image(s)")
+        raise SampleRejected(
+            "image_count_mismatch", f"the prompt has {n_images} <image> marker(s) but {len(prompt.images)} image(s)"
+        )
     return EncodedPrompt(ids, [load_pixel_values(data, model.config.image) for data in prompt.images])
 
 
@@ -46,8 +53,8 @@ def left_padded_batch(encoded: list[EncodedPrompt], pad_id: int, device) -> tupl
     input_ids = torch.full((len(encoded), length), pad_id, dtype=torch.long)  # (B, L), left-padded
     attention = torch.zeros((len(encoded), length), dtype=torch.long)  # (B, L)
     for i, e in enumerate(encoded):
-        input_ids[i, length - len(e.input_ids):] = torch.tensor(e.input_ids)
-        attention[i, length - len(e.input_ids):] = 1
+        input_ids[i, length - len(e.input_ids) :] = torch.tensor(e.input_ids)
+        attention[i, length - len(e.input_ids) :] = 1
     pixels = [p for e in encoded for p in e.pixel_values]
     pixel_values = torch.from_numpy(np.stack(pixels)).to(device) if pixels else None  # (n_images, 3, S, S)
     return input_ids.to(device), attention.to(device), pixel_values

@@ -12,7 +12,7 @@ import contextlib
 import io
 import math
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError

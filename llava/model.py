@@ -67,7 +67,7 @@ def expected_image_tokens(config: ModelConfig) -> int:
 
 
 def _split_state_dict(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 def resize_embeddings_deterministically(llm: nn.Module, new_size: int) -> None:
@@ -77,7 +77,9 @@ def resize_embeddings_deterministically(llm: nn.Module, new_size: int) -> None:
         return
     llm.resize_token_embeddings(new_size, mean_resizing=False)
     with torch.no_grad():
-        for matrix in {id(m): m for m in (llm.get_input_embeddings(), llm.get_output_embeddings()) if m is not None}.values():
+        for matrix in {
+            id(m): m for m in (llm.get_input_embeddings(), llm.get_output_embeddings()) if m is not None
+        }.values():
             matrix.weight[old:] = matrix.weight[:old].mean(dim=0, keepdim=True)
     log.info("resized the LLM vocabulary from %d to %d tokens", old, new_size)
 
@@ -98,7 +100,7 @@ class LlavaModel(nn.Module):
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
-    def from_config(cls, config: ModelConfig, dtype: torch.dtype = torch.float32) -> "LlavaModel":
+    def from_config(cls, config: ModelConfig, dtype: torch.dtype = torch.float32) -> LlavaModel:
         """Pretrained vision tower + pretrained LLM + a freshly initialised projector."""
         from transformers import AutoModelForCausalLM, CLIPVisionModel
 
@@ -106,12 +108,14 @@ class LlavaModel(nn.Module):
         llm = _from_pretrained(AutoModelForCausalLM, config.llm, dtype=dtype)
         tokenizer = prepare_tokenizer(load_tokenizer(config.tokenizer_path), config.template)
         resize_embeddings_deterministically(llm, len(tokenizer))
-        projector = build_projector(config.projector, vision.config.hidden_size, llm.get_input_embeddings().embedding_dim)
+        projector = build_projector(
+            config.projector, vision.config.hidden_size, llm.get_input_embeddings().embedding_dim
+        )
         log.info("built LLaVA: vision=%s llm=%s projector=%s", config.vision_tower, config.llm, config.projector.type)
         return cls(config, vision, projector.to(dtype), llm, tokenizer)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, **overrides) -> "LlavaModel":
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, **overrides) -> LlavaModel:
         """Load a checkpoint directory written by `save_pretrained` (local or s3://).
 
         `overrides` replace data-side fields of the saved config (template, max_length, image),
@@ -131,7 +135,9 @@ class LlavaModel(nn.Module):
         config = config_from_dict(ModelConfig, {**saved["model"], **overrides})
         vision_path = str(path / VISION_DIR) if (path / VISION_DIR).is_dir() else config.vision_tower
         llm_path = str(path / LLM_DIR) if (path / LLM_DIR).is_dir() else config.llm
-        tokenizer_path = str(path / LLM_DIR) if (path / LLM_DIR / "tokenizer_config.json").exists() else config.tokenizer_path
+        tokenizer_path = (
+            str(path / LLM_DIR) if (path / LLM_DIR / "tokenizer_config.json").exists() else config.tokenizer_path
+        )
         vision = _from_pretrained(CLIPVisionModel, vision_path, dtype=dtype)
         llm = _from_pretrained(AutoModelForCausalLM, llm_path, dtype=dtype)
         tokenizer = prepare_tokenizer(load_tokenizer(tokenizer_path), config.template)
@@ -144,13 +150,20 @@ class LlavaModel(nn.Module):
                 raise FileNotFoundError(f"{adapter}: no {ADAPTER_WEIGHTS} (LoRA adapters load from safetensors only)")
             llm = PeftModel.from_pretrained(llm, str(adapter)).merge_and_unload()
             log.info("merged the LoRA adapter %s into the LLM", path / ADAPTER_DIR)
-        projector = build_projector(config.projector, vision.config.hidden_size, llm.get_input_embeddings().embedding_dim)
+        projector = build_projector(
+            config.projector, vision.config.hidden_size, llm.get_input_embeddings().embedding_dim
+        )
         projector.load_state_dict(load_file(str(path / PROJECTOR_FILE)))
         log.info("loaded LLaVA checkpoint %s (llm from %s, vision from %s)", path, llm_path, vision_path)
         return cls(config, vision, projector.to(dtype), llm, tokenizer)
 
-    def save_pretrained(self, path: str | Path, llm: bool = True, vision: bool = False,
-                        state_dict: Optional[dict[str, torch.Tensor]] = None) -> Path:
+    def save_pretrained(
+        self,
+        path: str | Path,
+        llm: bool = True,
+        vision: bool = False,
+        state_dict: Optional[dict[str, torch.Tensor]] = None,
+    ) -> Path:
         """Write the checkpoint. Components not saved are reloaded from the base ids in the config.
 
         `state_dict` (this module's full state dict) replaces the live weights, for callers whose
@@ -163,15 +176,26 @@ class LlavaModel(nn.Module):
         projector = {k: v.detach().contiguous().cpu() for k, v in _split_state_dict(state_dict, "projector.").items()}
         save_file(projector, str(path / PROJECTOR_FILE))
         if llm and hasattr(self.llm, "peft_config"):
-            self.llm.save_pretrained(path / ADAPTER_DIR, state_dict=_split_state_dict(state_dict, "llm."),
-                                     save_embedding_layers=False, safe_serialization=True)
+            self.llm.save_pretrained(
+                path / ADAPTER_DIR,
+                state_dict=_split_state_dict(state_dict, "llm."),
+                save_embedding_layers=False,
+                safe_serialization=True,
+            )
         elif llm:
-            self.llm.save_pretrained(path / LLM_DIR, state_dict=_split_state_dict(state_dict, "llm."), safe_serialization=True)
+            self.llm.save_pretrained(
+                path / LLM_DIR, state_dict=_split_state_dict(state_dict, "llm."), safe_serialization=True
+            )
             self.tokenizer.save_pretrained(path / LLM_DIR)
         if vision:
-            self.vision_tower.save_pretrained(path / VISION_DIR, state_dict=_split_state_dict(state_dict, "vision_tower."),
-                                              safe_serialization=True)
-        meta = {"format_version": FORMAT_VERSION, "model": config_to_dict(self.config), "num_image_tokens": self.num_image_tokens}
+            self.vision_tower.save_pretrained(
+                path / VISION_DIR, state_dict=_split_state_dict(state_dict, "vision_tower."), safe_serialization=True
+            )
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "model": config_to_dict(self.config),
+            "num_image_tokens": self.num_image_tokens,
+        }
         (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
         write_manifest(path)  # last: every file with its sha256, checked on load
         return path
@@ -223,7 +247,9 @@ class LlavaModel(nn.Module):
         )
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None, attention_mask=None, **kwargs):
+    def generate(
+        self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None, attention_mask=None, **kwargs
+    ):
         """New token ids only, (B, new_tokens), via the LLM's own `generate` on spliced embeddings."""
         inputs_embeds = self.embed(input_ids, pixel_values)
         if attention_mask is None:

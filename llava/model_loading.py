@@ -21,8 +21,15 @@ import torch
 from llava import storage
 from llava.artifact_manifest import verify_or_warn, write_manifest
 from llava.artifact_publish import publish
-from llava.checkpoint_import import (LLAVA_RAY, CheckpointError, describe, detect_layout, import_checkpoint,
-                                     load_component, read_projector_weights)
+from llava.checkpoint_import import (
+    LLAVA_RAY,
+    CheckpointError,
+    describe,
+    detect_layout,
+    import_checkpoint,
+    load_component,
+    read_projector_weights,
+)
 from llava.config import ModelConfig, config_from_dict
 from llava.run_format import CONFIG_FILE, LLM_DIR, VISION_DIR
 
@@ -123,8 +130,11 @@ def import_for_training(uri: str, out: str, template: str | None = None) -> str:
         return out
     model = load_checkpoint(uri, _source_dtype(uri), template=template)
     config = model.config
-    config.vision_tower, config.llm, config.tokenizer = (storage.join(out, VISION_DIR), storage.join(out, LLM_DIR),
-                                                         storage.join(out, LLM_DIR))
+    config.vision_tower, config.llm, config.tokenizer = (
+        storage.join(out, VISION_DIR),
+        storage.join(out, LLM_DIR),
+        storage.join(out, LLM_DIR),
+    )
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp, llm=True, vision=True)
         Path(tmp, IMPORT_SOURCE_FILE).write_text(json.dumps({"source": uri}))
@@ -150,5 +160,12 @@ def load_model(uri: str, device: str | None = None, dtype: torch.dtype | None = 
     return model.to(device).eval()
 
 
-__all__ = ["CheckpointError", "checkpoint_model_config", "inference_device", "import_for_training", "load_checkpoint",
-           "load_model", "load_projector"]
+__all__ = [
+    "CheckpointError",
+    "checkpoint_model_config",
+    "inference_device",
+    "import_for_training",
+    "load_checkpoint",
+    "load_model",
+    "load_projector",
+]

@@ -31,9 +31,16 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-    def __init__(self, what: str, total: Optional[int] = None, unit: str = "rows", every_s: float = 10.0,
-                 stream: Optional[TextIO] = None, logger: Optional[logging.Logger] = None,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        what: str,
+        total: Optional[int] = None,
+        unit: str = "rows",
+        every_s: float = 10.0,
+        stream: Optional[TextIO] = None,
+        logger: Optional[logging.Logger] = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.what, self.total, self.unit, self.every_s = what, total, unit, every_s
         self.log, self.clock = logger or log, clock
         self.done = 0
@@ -72,13 +79,19 @@ class Progress:
         """`what: done/total unit (pct), rate unit/s, ETA ..., details` (no total: `what: done unit, rate`)."""
         elapsed = self.clock() - self.started
         rate = self.done / elapsed if elapsed > 0 else 0.0
-        parts = [f"{self.what}: {self.done}/{self.total} {self.unit} ({100 * self.done / max(1, self.total):.1f}%)"
-                 if self.total is not None else f"{self.what}: {self.done} {self.unit}",
-                 f"{rate:.1f} {self.unit}/s"]
+        parts = [
+            f"{self.what}: {self.done}/{self.total} {self.unit} ({100 * self.done / max(1, self.total):.1f}%)"
+            if self.total is not None
+            else f"{self.what}: {self.done} {self.unit}",
+            f"{rate:.1f} {self.unit}/s",
+        ]
         if self.total is not None:
             left = self.total - self.done
-            parts.append("ETA " + (format_duration(left / rate) if rate > 0 else "?") if left > 0 else
-                         f"done in {format_duration(elapsed)}")
+            parts.append(
+                "ETA " + (format_duration(left / rate) if rate > 0 else "?")
+                if left > 0
+                else f"done in {format_duration(elapsed)}"
+            )
         parts += [f"{k}={v}" for k, v in self.details.items()]
         return ", ".join(parts)
 

@@ -39,7 +39,9 @@ class QFormerBlock(nn.Module):
 class QFormer(nn.Module):
     """(n_images, N, vision_dim) -> (n_images, num_queries, llm_dim)."""
 
-    def __init__(self, vision_dim: int, llm_dim: int, num_queries: int = 32, num_layers: int = 2, num_heads: int = 8) -> None:
+    def __init__(
+        self, vision_dim: int, llm_dim: int, num_queries: int = 32, num_layers: int = 2, num_heads: int = 8
+    ) -> None:
         super().__init__()
         if num_queries <= 0 or num_layers <= 0 or num_heads <= 0:
             raise ValueError(

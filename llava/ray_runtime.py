@@ -13,12 +13,21 @@ import ray.data
 log = logging.getLogger(__name__)
 
 # transformers.activations pulls in the torch.distributed.tensor -> sympy chain that every HF config load needs.
-WORKER_PRELOAD = ("torch", "transformers.activations", "transformers.models.auto.tokenization_auto",
-                  "transformers.models.auto.configuration_auto", "llava.data.reader")
+WORKER_PRELOAD = (
+    "torch",
+    "transformers.activations",
+    "transformers.models.auto.tokenization_auto",
+    "transformers.models.auto.configuration_auto",
+    "llava.data.reader",
+)
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None, s3_endpoint: str | None = None,
-             preload_imports: bool = True) -> None:
+def init_ray(
+    address: str | None = None,
+    num_cpus: int | None = None,
+    s3_endpoint: str | None = None,
+    preload_imports: bool = True,
+) -> None:
     """Join the cluster at `address` (or RAY_ADDRESS), else start a local Ray of this job's own.
 
     Without an address the job always starts its own local Ray (`ray.init(address="local")`), whatever a
@@ -56,8 +65,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, s3_endpoin
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # this job's own cluster only (see above)
     cpus = num_cpus or max(4, os.cpu_count() or 1)
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, configure_logging=False,
-             runtime_env=runtime_env)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, configure_logging=False, runtime_env=runtime_env)
     log.info("started a local Ray with %d logical CPUs (no --address or RAY_ADDRESS given)", cpus)
 
 

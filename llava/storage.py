@@ -23,8 +23,8 @@ from __future__ import annotations
 import os
 import re
 import threading
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable, Iterator
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -61,7 +61,7 @@ _TMP = re.compile(r"\.tmp\d+\.\d+$")
 
 
 def _split_s3(uri: str) -> tuple[str, str]:
-    bucket, _, key = uri[len("s3://"):].partition("/")
+    bucket, _, key = uri[len("s3://") :].partition("/")
     if not bucket:
         raise StorageError(f"{uri}: no bucket name in S3 URI")
     return bucket, key.strip("/")
@@ -82,7 +82,9 @@ def _describe(endpoint_url: str | None) -> str:
 def _client_key(endpoint_url: str | None) -> tuple:
     """(endpoint, region, credentials hash): credentials are part of the key so that a changed environment
     gets a fresh filesystem / client."""
-    creds = tuple(os.environ.get(v) for v in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"))
+    creds = tuple(
+        os.environ.get(v) for v in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+    )
     return _endpoint(endpoint_url), _region(), hash(creds)
 
 
@@ -90,7 +92,7 @@ def filesystem(uri: str, endpoint_url: str | None = None) -> tuple[pafs.FileSyst
     """``(pyarrow filesystem, path inside it)`` for ``uri``; S3 filesystems are cached per endpoint."""
     uri = str(uri)
     if not is_s3(uri):
-        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        path = uri[len("file://") :] if uri.startswith("file://") else uri
         return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
     bucket, key = _split_s3(uri)
     cache_key = _client_key(endpoint_url)
@@ -103,8 +105,12 @@ def filesystem(uri: str, endpoint_url: str | None = None) -> tuple[pafs.FileSyst
                 parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
                 options = {"endpoint_override": parsed.netloc, "scheme": parsed.scheme}
             fs = pafs.S3FileSystem(
-                region=region, connect_timeout=CONNECT_TIMEOUT_S, request_timeout=REQUEST_TIMEOUT_S,
-                retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=MAX_ATTEMPTS), **options)
+                region=region,
+                connect_timeout=CONNECT_TIMEOUT_S,
+                request_timeout=REQUEST_TIMEOUT_S,
+                retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=MAX_ATTEMPTS),
+                **options,
+            )
             _cache[cache_key] = fs
     return fs, f"{bucket}/{key}" if key else bucket
 
@@ -122,9 +128,13 @@ def _problem(uri: str, exc: OSError) -> str:
     bucket, _ = _split_s3(uri)
     if "NETWORK_CONNECTION" in text:
         curl = re.search(r"curlCode: (\d+)", text)
-        why = {"6": "cannot resolve host", "7": "connection refused", "28": "timed out"}.get(curl and curl.group(1), text)
+        why = {"6": "cannot resolve host", "7": "connection refused", "28": "timed out"}.get(
+            curl and curl.group(1), text
+        )
         return f"{uri}: cannot reach S3 endpoint {endpoint}: {why}"
-    if any(code in text for code in ("INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "ACCESS_DENIED", "EXPIRED_TOKEN")):
+    if any(
+        code in text for code in ("INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "ACCESS_DENIED", "EXPIRED_TOKEN")
+    ):
         code = re.search(r"AWS Error (\w+)", text)
         return f"{uri}: access denied by S3 endpoint {endpoint} ({code.group(1) if code else text}): check credentials"
     if "NO_SUCH_BUCKET" in text:
@@ -199,8 +209,11 @@ def _s3_client():
             import boto3
             from botocore.config import Config
 
-            config = Config(connect_timeout=CONNECT_TIMEOUT_S, read_timeout=REQUEST_TIMEOUT_S,
-                            retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"})
+            config = Config(
+                connect_timeout=CONNECT_TIMEOUT_S,
+                read_timeout=REQUEST_TIMEOUT_S,
+                retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
+            )
             client = boto3.session.Session().client("s3", endpoint_url=key[0], region_name=key[1], config=config)
             _clients[key] = client
     return client
@@ -299,7 +312,7 @@ def _files(uri: str) -> dict[str, int]:
         if info.type == pafs.FileType.NotFound and not is_s3(uri):
             raise FileNotFoundError(path)
         found = fs.get_file_info(pafs.FileSelector(path, recursive=True))  # S3: raises if no key has this prefix
-        return {i.path[len(path):].lstrip("/"): i.size for i in found if i.type == pafs.FileType.File}
+        return {i.path[len(path) :].lstrip("/"): i.size for i in found if i.type == pafs.FileType.File}
 
 
 def list_files(uri: str, suffix: str | None = None) -> list[str]:

@@ -62,8 +62,9 @@ Where this deliberately differs from the official code:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Optional
 
 from llava.config import IMAGE_TOKEN
 
@@ -79,7 +80,9 @@ LLAMA_2_SYSTEM = (
     "You are a helpful language and vision assistant. You are able to understand the visual content "
     "that the user provides, and assist the user with a variety of tasks using natural language."
 )
-MPT_SYSTEM = "A conversation between a user and an LLM-based AI assistant. The assistant gives helpful and honest answers."
+MPT_SYSTEM = (
+    "A conversation between a user and an LLM-based AI assistant. The assistant gives helpful and honest answers."
+)
 
 EOS = "\x00eos\x00"  # marker: the tokenizer's own end-of-sequence token
 
@@ -330,7 +333,11 @@ def render(
         if role == "user":
             if template.bos and template.bos_each_user_turn:
                 pieces.append(Piece("bos"))
-            fmt = template.first_user_format if index == 0 and template.first_user_format and system else template.user_format
+            fmt = (
+                template.first_user_format
+                if index == 0 and template.first_user_format and system
+                else template.user_format
+            )
             pieces.extend(_format_user(template, fmt, text, system))
         else:
             pieces.append(Piece("text", template.assistant_format.format(content=text), trainable=True))

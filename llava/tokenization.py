@@ -103,8 +103,15 @@ def prepare_tokenizer(tokenizer, template: str | Template | None = None):
     specials = [IMAGE_TOKEN]
     template = get_template(template) if isinstance(template, str) else template
     if template is not None:
-        strings = [template.system_format, template.first_user_format or "", template.user_format,
-                   template.assistant_format, template.assistant_end, template.turn_separator, *template.stop_strings]
+        strings = [
+            template.system_format,
+            template.first_user_format or "",
+            template.user_format,
+            template.assistant_format,
+            template.assistant_end,
+            template.turn_separator,
+            *template.stop_strings,
+        ]
         specials += [t for t in TEMPLATE_SPECIAL_TOKENS if any(t in text for text in strings)]
     missing = [t for t in specials if t not in tokenizer.get_vocab()]
     if missing:

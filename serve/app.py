@@ -56,17 +56,25 @@ class LlavaChat:
         self.gate = Gate(self.config)
         if self.config.replica.torch_threads:
             torch.set_num_threads(self.config.replica.torch_threads)
-        self.engine = LlavaEngine(self.config.model, self.config.limits, self.config.template, self.config.batching,
-                                  on_step=observe_batch)
+        self.engine = LlavaEngine(
+            self.config.model, self.config.limits, self.config.template, self.config.batching, on_step=observe_batch
+        )
         # tokenising and image decoding, a few at once: bounds the replica's decoding memory (serve/README.md)
-        self._prepare_pool = concurrent.futures.ThreadPoolExecutor(self.config.limits.decode_workers,
-                                                                   thread_name_prefix="prepare")
+        self._prepare_pool = concurrent.futures.ThreadPoolExecutor(
+            self.config.limits.decode_workers, thread_name_prefix="prepare"
+        )
         self.created = int(time.time())
-        log.info("serving %s as %r (context %d tokens, api key %s)", self.config.model, self.config.model_name,
-                 self.engine.context, "required" if self.gate.api_key else "not required")
+        log.info(
+            "serving %s as %r (context %d tokens, api key %s)",
+            self.config.model,
+            self.config.model_name,
+            self.engine.context,
+            "required" if self.gate.api_key else "not required",
+        )
         if self.gate.api_key is None:
-            log.warning("no API key (%s is not set): anyone who can reach this endpoint can use it",
-                        self.config.api_key_env)
+            log.warning(
+                "no API key (%s is not set): anyone who can reach this endpoint can use it", self.config.api_key_env
+            )
 
     # ---- plumbing ------------------------------------------------------------------------------------------------
     async def _decode(self, prepared: PreparedRequest, stream: bool) -> AsyncGenerator[StepOutput, None]:
@@ -125,8 +133,12 @@ class LlavaChat:
     @app.get("/v1/models")
     async def models(self, request: Request) -> dict:
         self.gate.authorize(request)
-        return {"object": "list", "data": [{"id": self.config.model_name, "object": "model", "created": self.created,
-                                            "owned_by": "llava-ray"}]}
+        return {
+            "object": "list",
+            "data": [
+                {"id": self.config.model_name, "object": "model", "created": self.created, "owned_by": "llava-ray"}
+            ],
+        }
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
@@ -198,9 +210,11 @@ def check_exposure(config: ServeConfig) -> None:
     """Refuse to serve on a non-loopback address without an API key, unless `allow_unauthenticated` says so."""
     if _loopback(config.host) or os.environ.get(config.api_key_env) or config.allow_unauthenticated:
         return
-    raise ValueError(f"refusing to serve on {config.host} without an API key: anyone who can reach it could use the "
-                     f"model. Set {config.api_key_env} to a secret, serve on 127.0.0.1, or pass "
-                     "--allow-unauthenticated (allow_unauthenticated: true) to accept that")
+    raise ValueError(
+        f"refusing to serve on {config.host} without an API key: anyone who can reach it could use the "
+        f"model. Set {config.api_key_env} to a secret, serve on 127.0.0.1, or pass "
+        "--allow-unauthenticated (allow_unauthenticated: true) to accept that"
+    )
 
 
 def run_local(config: ServeConfig, name: str = "llava") -> str:

@@ -42,8 +42,10 @@ class BatchingConfig:  # continuous batching (serve/scheduler.py): requests join
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.prefill_chunk_tokens < 1:
-            raise ValueError(f"batching.max_batch_size and batching.prefill_chunk_tokens must be >= 1, got "
-                             f"{self.max_batch_size} and {self.prefill_chunk_tokens}")
+            raise ValueError(
+                f"batching.max_batch_size and batching.prefill_chunk_tokens must be >= 1, got "
+                f"{self.max_batch_size} and {self.prefill_chunk_tokens}"
+            )
 
 
 @dataclass
@@ -72,9 +74,13 @@ class ImageFetchConfig:  # http(s) image URLs
 
 @dataclass
 class ServeConfig:
-    model: str = ""  # llava-ray checkpoint, training run dir, llava-hf or official LLaVA checkpoint (local dir or s3://)
+    model: str = (
+        ""  # llava-ray checkpoint, training run dir, llava-hf or official LLaVA checkpoint (local dir or s3://)
+    )
     model_name: str = "llava"  # the id clients pass as `model` and /v1/models lists
-    template: Optional[str] = None  # conversation template for a checkpoint that records none (official LLaVA: vicuna_v1)
+    template: Optional[str] = (
+        None  # conversation template for a checkpoint that records none (official LLaVA: vicuna_v1)
+    )
     engine: str = "llava"  # "llava": our model in the replica (CPU or GPU); "vllm": Ray Serve LLM (GPU, HF export)
     host: str = "127.0.0.1"
     port: int = 8000

@@ -42,8 +42,10 @@ _CHUNK = 1 << 16
 _REDIRECTS = (301, 302, 303, 307, 308)
 # IPv6 prefixes that carry an IPv4 address (compatible, mapped, NAT64, 6to4, Teredo) or are deprecated site-local:
 # a "global" IPv6 address in them may reach a private IPv4 host.
-_NOT_PUBLIC_V6 = tuple(ipaddress.ip_network(n) for n in (
-    "::/96", "::ffff:0:0/96", "64:ff9b::/96", "64:ff9b:1::/48", "2002::/16", "2001::/32", "fec0::/10"))
+_NOT_PUBLIC_V6 = tuple(
+    ipaddress.ip_network(n)
+    for n in ("::/96", "::ffff:0:0/96", "64:ff9b::/96", "64:ff9b:1::/48", "2002::/16", "2001::/32", "fec0::/10")
+)
 _resolver = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="image-dns")  # lookups, bounded
 
 
@@ -53,13 +55,16 @@ def _error(code: str, message: str) -> APIError:
 
 # ---- data URLs --------------------------------------------------------------------------------------------------------
 
+
 def _decode_data_url(url: str, max_bytes: int) -> bytes:
     header, _, payload = url.partition(",")
-    media = header[len("data:"):].split(";")[0]
+    media = header[len("data:") :].split(";")[0]
     if not media.startswith("image/") or ";base64" not in header:
         raise _error("invalid_image_url", f"a data URL must be data:image/...;base64,..., got {header[:60]!r}")
     if len(payload) * 3 // 4 > max_bytes + 3:
-        raise _error("image_too_large", f"a data-URL image is about {len(payload) * 3 // 4} bytes; the limit is {max_bytes}")
+        raise _error(
+            "image_too_large", f"a data-URL image is about {len(payload) * 3 // 4} bytes; the limit is {max_bytes}"
+        )
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as exc:
@@ -70,6 +75,7 @@ def _decode_data_url(url: str, max_bytes: int) -> bytes:
 
 
 # ---- where a URL may go -----------------------------------------------------------------------------------------------
+
 
 def is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     """A global unicast address that does not embed or translate an IPv4 address."""
@@ -150,8 +156,10 @@ def resolve_checked(target: Target, config: ImageFetchConfig, deadline: float | 
     try:
         infos = lookup.result(timeout=_remaining(deadline, config.timeout_s, target.url))
     except concurrent.futures.TimeoutError as exc:
-        raise _error("image_fetch_timeout", f"fetching {target.url[:100]!r} took longer than "
-                     f"{config.timeout_s:g} s (looking up its host)") from exc
+        raise _error(
+            "image_fetch_timeout",
+            f"fetching {target.url[:100]!r} took longer than {config.timeout_s:g} s (looking up its host)",
+        ) from exc
     except (OSError, UnicodeError) as exc:
         log.info("image URL %r: lookup failed: %s", target.url[:100], exc)
         raise _error("image_fetch_failed", f"the host of {target.url[:100]!r} could not be resolved") from exc
@@ -160,8 +168,11 @@ def resolve_checked(target: Target, config: ImageFetchConfig, deadline: float | 
         address = ipaddress.ip_address(sockaddr[0].split("%")[0])
         if not is_public(address) and not _allowed(target.host, address, config.allow):
             log.info("image URL %r refused: %s is not public", target.url[:100], address)
-            raise _error("image_url_forbidden", f"the image URL {target.url[:100]!r} is not allowed: its host is not a "
-                         "public address (an operator can list it in image_fetch.allow)")
+            raise _error(
+                "image_url_forbidden",
+                f"the image URL {target.url[:100]!r} is not allowed: its host is not a "
+                "public address (an operator can list it in image_fetch.allow)",
+            )
         addresses.append((family, sockaddr))
     if not addresses:
         raise _error("image_fetch_failed", f"the host of {target.url[:100]!r} could not be resolved")
@@ -174,6 +185,7 @@ def check_destination(url: str, config: ImageFetchConfig) -> None:
 
 
 # ---- fetching ---------------------------------------------------------------------------------------------------------
+
 
 class _PinnedConnection(http.client.HTTPConnection):
     """HTTP over a socket that is already connected (to a checked address, TLS already set up)."""
@@ -204,8 +216,9 @@ def _connect(target: Target, addresses: list[tuple], deadline: float, timeout_s:
     raise _error("image_fetch_failed", f"could not connect to the host of {target.url[:100]!r}")
 
 
-def _read_image(response: http.client.HTTPResponse, target: Target, max_bytes: int, deadline: float,
-                timeout_s: float) -> bytes:
+def _read_image(
+    response: http.client.HTTPResponse, target: Target, max_bytes: int, deadline: float, timeout_s: float
+) -> bytes:
     shown = target.url[:100]
     kind = response.getheader("Content-Type", "")
     if not kind.startswith("image/"):
@@ -241,8 +254,9 @@ def _fetch_once(target: Target, config: ImageFetchConfig, max_bytes: int, deadli
     watchdog.start()
     connection = _PinnedConnection(target, sock)
     try:
-        connection.request("GET", target.path, headers={"Host": target.host_header, "User-Agent": "llava-ray",
-                                                        "Accept": "image/*"})
+        connection.request(
+            "GET", target.path, headers={"Host": target.host_header, "User-Agent": "llava-ray", "Accept": "image/*"}
+        )
         response = connection.getresponse()
         if response.status in _REDIRECTS and response.getheader("Location"):
             return urllib.parse.urljoin(target.url, response.getheader("Location"))
@@ -254,8 +268,10 @@ def _fetch_once(target: Target, config: ImageFetchConfig, max_bytes: int, deadli
     except Exception as exc:  # a socket error, a malformed or cut-off response, the watchdog's shutdown
         _remaining(deadline, config.timeout_s, target.url)  # past the deadline: say so
         log.info("image URL %r: fetch failed: %r", target.url[:100], exc)
-        raise _error("image_fetch_failed", f"fetching {target.url[:100]!r} failed: the host's answer was cut off "
-                     "or is not valid HTTP") from exc
+        raise _error(
+            "image_fetch_failed",
+            f"fetching {target.url[:100]!r} failed: the host's answer was cut off or is not valid HTTP",
+        ) from exc
     finally:
         watchdog.cancel()
         connection.close()
@@ -281,6 +297,7 @@ def fetch_url(url: str, config: ImageFetchConfig, max_bytes: int, deadline: floa
 
 # ---- the bytes must be an image format we decode ----------------------------------------------------------------------
 
+
 def check_format(data: bytes, index: int) -> None:
     """Refuse bytes that are not one of IMAGE_FORMATS (a header parse only; nothing is decoded)."""
     from PIL import Image
@@ -292,8 +309,11 @@ def check_format(data: bytes, index: int) -> None:
     except Image.DecompressionBombError as exc:
         raise _error("image_too_large", f"image {index + 1} of the request has too many pixels") from exc
     except Exception as exc:  # UnidentifiedImageError, or whatever a malformed header makes a plugin raise
-        raise _error("invalid_image", f"image {index + 1} of the request is not a {', '.join(IMAGE_FORMATS[:-1])} "
-                     f"or {IMAGE_FORMATS[-1]} image (starts with {bytes(data[:8])!r})") from exc
+        raise _error(
+            "invalid_image",
+            f"image {index + 1} of the request is not a {', '.join(IMAGE_FORMATS[:-1])} "
+            f"or {IMAGE_FORMATS[-1]} image (starts with {bytes(data[:8])!r})",
+        ) from exc
 
 
 def load_image_bytes(url: str, config: ImageFetchConfig, max_bytes: int, deadline: float | None = None) -> bytes:

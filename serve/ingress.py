@@ -40,15 +40,19 @@ API_CSP = "default-src 'none'; frame-ancestors 'none'"
 
 # ---- the HTTP app -----------------------------------------------------------------------------------------------------
 
+
 def page_csp(html: str) -> str:
     """A CSP for a page whose only scripts and styles are inline: each allowed by its sha256 hash."""
+
     def hashes(tag: str) -> str:
         blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.S)
         return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(b.encode()).digest()).decode()}'" for b in blocks)
 
-    return (f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; "
-            "img-src 'self' data: blob:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
-            "frame-ancestors 'none'")
+    return (
+        f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; "
+        "img-src 'self' data: blob:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+        "frame-ancestors 'none'"
+    )
 
 
 def make_api(title: str) -> FastAPI:
@@ -63,8 +67,9 @@ def make_api(title: str) -> FastAPI:
         if error.status_code == 404:
             body = APIError(404, f"there is no route {request.method} {request.url.path[:100]}", code="not_found")
         elif error.status_code == 405:
-            body = APIError(405, f"{request.url.path[:100]} does not accept {request.method}",
-                            code="method_not_allowed")
+            body = APIError(
+                405, f"{request.url.path[:100]} does not accept {request.method}", code="method_not_allowed"
+            )
         else:
             body = APIError(error.status_code, str(error.detail)[:200], code="http_error")
         return JSONResponse(body.body(), status_code=error.status_code, headers=getattr(error, "headers", None))
@@ -76,8 +81,9 @@ def make_api(title: str) -> FastAPI:
     @app.exception_handler(Exception)
     async def _server_error(request: Request, error: Exception) -> JSONResponse:
         log.exception("request %s %s failed", request.method, request.url.path)
-        return JSONResponse(APIError(500, f"internal error: {type(error).__name__}", type="server_error").body(),
-                            status_code=500)
+        return JSONResponse(
+            APIError(500, f"internal error: {type(error).__name__}", type="server_error").body(), status_code=500
+        )
 
     app.add_middleware(_SecurityHeaders)
     return app
@@ -107,6 +113,7 @@ class _SecurityHeaders:
 
 # ---- per-request checks -----------------------------------------------------------------------------------------------
 
+
 class Gate:
     """API key, body limits, JSON parsing and image fetching for one replica (see the module docstring)."""
 
@@ -114,31 +121,40 @@ class Gate:
         self.config = config
         self.api_key = os.environ.get(config.api_key_env) or None
         self._parse_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="parse")
-        self._fetch_pool = concurrent.futures.ThreadPoolExecutor(config.image_fetch.max_concurrent,
-                                                                 thread_name_prefix="image-fetch")
+        self._fetch_pool = concurrent.futures.ThreadPoolExecutor(
+            config.image_fetch.max_concurrent, thread_name_prefix="image-fetch"
+        )
 
     def authorize(self, request: Request) -> None:
         if self.api_key is None:
             return
         given = request.headers.get("authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
-            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                           code="invalid_api_key", type="authentication_error")
+            raise APIError(
+                401,
+                "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                code="invalid_api_key",
+                type="authentication_error",
+            )
 
     async def read_json(self, request: Request) -> dict:
         """The body as a JSON object: a JSON content type, within the byte limit, parsed on a worker thread."""
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind != "application/json":
-            raise APIError(415, f"send the body as application/json, not {kind[:60] or 'no content type'}",
-                           code="unsupported_media_type")
+            raise APIError(
+                415,
+                f"send the body as application/json, not {kind[:60] or 'no content type'}",
+                code="unsupported_media_type",
+            )
         limit = self.config.limits.max_request_bytes
         declared = request.headers.get("content-length")
         if declared is not None:
             if not declared.isdigit():
                 raise APIError(400, "Content-Length is not a number", code="invalid_request")
             if int(declared) > limit:
-                raise APIError(413, f"the request body is {declared} bytes; the limit is {limit}",
-                               code="request_too_large")
+                raise APIError(
+                    413, f"the request body is {declared} bytes; the limit is {limit}", code="request_too_large"
+                )
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
@@ -163,8 +179,12 @@ class Gate:
                 try:  # a queued download shares the deadline; the thread itself stops at the deadline too
                     data = await asyncio.wait_for(job, timeout=fetch.timeout_s + 0.5)
                 except asyncio.TimeoutError as exc:
-                    raise APIError(400, f"fetching {url[:100]!r} took longer than {fetch.timeout_s:g} s",
-                                   param="messages", code="image_fetch_timeout") from exc
+                    raise APIError(
+                        400,
+                        f"fetching {url[:100]!r} took longer than {fetch.timeout_s:g} s",
+                        param="messages",
+                        code="image_fetch_timeout",
+                    ) from exc
             await self.run(check_format, data, index)
             return data
 

@@ -80,9 +80,9 @@ class GrowingLayer(DynamicLayer):
             if n:
                 self._key_buffer[..., :n, :] = self.keys
                 self._value_buffer[..., :n, :] = self.values
-        self._key_buffer[..., n:n + new, :] = key_states
-        self._value_buffer[..., n:n + new, :] = value_states
-        self.keys, self.values = self._key_buffer[..., :n + new, :], self._value_buffer[..., :n + new, :]
+        self._key_buffer[..., n : n + new, :] = key_states
+        self._value_buffer[..., n : n + new, :] = value_states
+        self.keys, self.values = self._key_buffer[..., : n + new, :], self._value_buffer[..., : n + new, :]
         self._view = self.keys
         return self.keys, self.values
 
@@ -92,8 +92,10 @@ def new_cache(llm_config) -> DynamicCache:
     cache = DynamicCache(config=llm_config)
     other = {type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer}
     if other:
-        raise ValueError(f"continuous batching needs full-attention KV cache layers; this model uses {sorted(other)} "
-                         "(sliding-window or hybrid attention): serve it with engine: vllm")
+        raise ValueError(
+            f"continuous batching needs full-attention KV cache layers; this model uses {sorted(other)} "
+            "(sliding-window or hybrid attention): serve it with engine: vllm"
+        )
     cache.layers = [GrowingLayer() for _ in cache.layers]
     return cache
 
@@ -158,14 +160,21 @@ def _left_pad(x: torch.Tensor, columns: int, dim: int) -> torch.Tensor:
 
 
 class Scheduler:
-    def __init__(self, model, config: Optional[SchedulerConfig] = None, start: bool = True,
-                 on_step: Optional[Callable[[int], None]] = None):
+    def __init__(
+        self,
+        model,
+        config: Optional[SchedulerConfig] = None,
+        start: bool = True,
+        on_step: Optional[Callable[[int], None]] = None,
+    ):
         """`start=False`: the loop starts at `start()` (requests submitted before then form its first group).
         `on_step` is called on the loop thread with the number of rows of every decode step (metrics)."""
         config = config or SchedulerConfig()
         if config.max_rows < 1 or config.prefill_chunk_tokens < 1:
-            raise ValueError(f"max_rows and prefill_chunk_tokens must be >= 1, got {config.max_rows} and "
-                             f"{config.prefill_chunk_tokens}")
+            raise ValueError(
+                f"max_rows and prefill_chunk_tokens must be >= 1, got {config.max_rows} and "
+                f"{config.prefill_chunk_tokens}"
+            )
         template = get_template(model.config.template)
         self.model, self.config = model.eval(), config
         self.template_stops = tuple(template.stop_strings)
@@ -187,8 +196,9 @@ class Scheduler:
         self._thread.start()
 
     # ---- the public side (any thread) -----------------------------------------------------------------------------
-    def submit(self, encoded: EncodedPrompt, params: SamplingParams, emit: Callable[[StepOutput], None],
-               stream: bool = True) -> Row:
+    def submit(
+        self, encoded: EncodedPrompt, params: SamplingParams, emit: Callable[[StepOutput], None], stream: bool = True
+    ) -> Row:
         """Queue a request; it joins the running rows at a coming step. Raises what `new_row` raises."""
         row = Row(encoded, new_row(params, self.template_stops), emit, stream)
         with self._wake:
@@ -229,7 +239,11 @@ class Scheduler:
                     for row in [*(self._group.rows if self._group else ()), *(self._batch.rows if self._batch else ())]:
                         self._fail(row, "decode loop failure")
                     self._group = self._batch = None
-        for row in [*self._queue, *(self._group.rows if self._group else ()), *(self._batch.rows if self._batch else ())]:
+        for row in [
+            *self._queue,
+            *(self._group.rows if self._group else ()),
+            *(self._batch.rows if self._batch else ()),
+        ]:
             self._fail(row, "the server is shutting down")
 
     def _fail(self, row: Row, error: str) -> None:
@@ -260,15 +274,20 @@ class Scheduler:
         embeds = torch.stack([_left_pad(e, length - e.shape[0], -2) for _, e in embedded])  # (G, L, D)
         attention = torch.zeros((len(embedded), length), dtype=torch.long, device=self.device)  # (G, L)
         for i, (_, e) in enumerate(embedded):
-            attention[i, length - e.shape[0]:] = 1
+            attention[i, length - e.shape[0] :] = 1
         positions = (attention.cumsum(-1) - 1).clamp(min=0)  # (G, L): padding does not shift positions
-        self._group = _Group([row for row, _ in embedded], embeds, attention, positions, new_cache(self.model.llm.config))
+        self._group = _Group(
+            [row for row, _ in embedded], embeds, attention, positions, new_cache(self.model.llm.config)
+        )
 
     def _embed(self, encoded: EncodedPrompt) -> torch.Tensor:
         """(L, D): the prompt's token embeddings with its image features in place."""
         ids = torch.tensor([encoded.input_ids], device=self.device)  # (1, L)
-        pixels = (torch.from_numpy(np.stack(encoded.pixel_values)).to(self.device)  # (n_images, 3, S, S)
-                  if encoded.pixel_values else None)
+        pixels = (
+            torch.from_numpy(np.stack(encoded.pixel_values)).to(self.device)  # (n_images, 3, S, S)
+            if encoded.pixel_values
+            else None
+        )
         return self.model.embed(ids, pixels)[0]
 
     def _prefill_chunk(self) -> None:
@@ -277,9 +296,14 @@ class Scheduler:
             return
         start, end = group.done, min(group.done + self.config.prefill_chunk_tokens, group.embeds.shape[1])
         try:
-            out = self.model.llm(inputs_embeds=group.embeds[:, start:end], attention_mask=group.attention[:, :end],
-                                 position_ids=group.positions[:, start:end], past_key_values=group.cache,
-                                 use_cache=True, logits_to_keep=1)
+            out = self.model.llm(
+                inputs_embeds=group.embeds[:, start:end],
+                attention_mask=group.attention[:, :end],
+                position_ids=group.positions[:, start:end],
+                past_key_values=group.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         except Exception as exc:
             log.exception("a prefill forward pass failed")
             self._group = None
@@ -299,8 +323,15 @@ class Scheduler:
         if len(keep) < len(group.rows) and keep:
             group.cache.batch_select_indices(torch.tensor(keep, device=self.device))
         if keep:
-            self._join(_Batch([group.rows[i] for i in keep], group.cache, group.attention[keep],
-                              group.positions[keep, -1:] + 1, [tokens[i] for i in keep]))
+            self._join(
+                _Batch(
+                    [group.rows[i] for i in keep],
+                    group.cache,
+                    group.attention[keep],
+                    group.positions[keep, -1:] + 1,
+                    [tokens[i] for i in keep],
+                )
+            )
 
     def _sample(self, rows: list[Row], logits: torch.Tensor) -> list[int]:
         """Each row's next token from its (V,) logits, taken into its state and emitted; a row that fails here
@@ -327,10 +358,12 @@ class Scheduler:
         pad = batch.attention.shape[1] - group.attention.shape[1]  # > 0: the usual case, only the group is padded
         for mine, theirs in zip(batch.cache.layers, group.cache.layers):
             mine.keys = torch.cat([_left_pad(mine.keys, max(0, -pad), -2), _left_pad(theirs.keys, max(0, pad), -2)])
-            mine.values = torch.cat([_left_pad(mine.values, max(0, -pad), -2),
-                                     _left_pad(theirs.values, max(0, pad), -2)])
-        batch.attention = torch.cat([_left_pad(batch.attention, max(0, -pad), -1),
-                                     _left_pad(group.attention, max(0, pad), -1)])  # (B + G, T')
+            mine.values = torch.cat(
+                [_left_pad(mine.values, max(0, -pad), -2), _left_pad(theirs.values, max(0, pad), -2)]
+            )
+        batch.attention = torch.cat(
+            [_left_pad(batch.attention, max(0, -pad), -1), _left_pad(group.attention, max(0, pad), -1)]
+        )  # (B + G, T')
         batch.positions = torch.cat([batch.positions, group.positions])  # (B + G, 1)
         batch.rows += group.rows
         batch.tokens += group.tokens
@@ -350,9 +383,14 @@ class Scheduler:
         tokens = torch.tensor(batch.tokens, device=self.device).unsqueeze(1)  # (B, 1)
         batch.attention = torch.cat([batch.attention, torch.ones_like(tokens)], dim=1)  # (B, T + 1)
         try:
-            out = self.model.llm(inputs_embeds=self.model.llm.get_input_embeddings()(tokens),
-                                 attention_mask=batch.attention, position_ids=batch.positions,
-                                 past_key_values=batch.cache, use_cache=True, logits_to_keep=1)
+            out = self.model.llm(
+                inputs_embeds=self.model.llm.get_input_embeddings()(tokens),
+                attention_mask=batch.attention,
+                position_ids=batch.positions,
+                past_key_values=batch.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         except Exception as exc:
             log.exception("a decode forward pass failed")
             self._batch = None

@@ -61,10 +61,17 @@ def vllm_chat_body(data: dict, chat: ChatRequest, images: list[bytes]) -> dict:
             if part.get("type") == "image_url":
                 part["image_url"] = {"url": next(urls)}
     sampling = chat.sampling
-    body = {"model": chat.model, "messages": messages, "stream": chat.stream, "temperature": sampling.temperature,
-            "top_p": sampling.top_p, "stop": sampling.stop or None, "seed": sampling.seed,
-            "max_tokens": sampling.max_tokens if chat.max_tokens_given else None,
-            "stream_options": {"include_usage": True} if chat.stream and chat.include_usage else None}
+    body = {
+        "model": chat.model,
+        "messages": messages,
+        "stream": chat.stream,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "stop": sampling.stop or None,
+        "seed": sampling.seed,
+        "max_tokens": sampling.max_tokens if chat.max_tokens_given else None,
+        "stream_options": {"include_usage": True} if chat.stream and chat.include_usage else None,
+    }
     return {key: value for key, value in body.items() if value is not None}
 
 
@@ -111,8 +118,9 @@ def guarded_ingress_class():
             return await super().chat(body, request)
 
         async def _not_served(self, request: Request):
-            error = APIError(404, f"{request.url.path[:100]} is not served here; use /v1/chat/completions",
-                             code="not_found")
+            error = APIError(
+                404, f"{request.url.path[:100]} is not served here; use /v1/chat/completions", code="not_found"
+            )
             return JSONResponse(error.body(), status_code=404)
 
         completions = embeddings = transcriptions = score = tokenize = detokenize = _not_served
@@ -127,8 +135,14 @@ def build_vllm_app(config: ServeConfig):
         ingress = guarded_ingress_class()
     except ImportError as exc:
         raise ImportError(
-            f"engine=vllm needs Ray Serve LLM with vLLM on a GPU machine: pip install 'ray[llm]' ({exc})") from exc
-    return build_openai_app({
-        "llm_configs": [LLMConfig(**vllm_llm_config(config))],
-        "ingress_cls_config": {"ingress_cls": ingress, "ingress_extra_kwargs": {"serve_config": config_to_dict(config)}},
-    })
+            f"engine=vllm needs Ray Serve LLM with vLLM on a GPU machine: pip install 'ray[llm]' ({exc})"
+        ) from exc
+    return build_openai_app(
+        {
+            "llm_configs": [LLMConfig(**vllm_llm_config(config))],
+            "ingress_cls_config": {
+                "ingress_cls": ingress,
+                "ingress_extra_kwargs": {"serve_config": config_to_dict(config)},
+            },
+        }
+    )

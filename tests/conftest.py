@@ -67,8 +67,13 @@ def tiny_checkpoint(base_models, tmp_path_factory) -> str:
     from llava.config import ImageConfig, ModelConfig
     from llava.model import LlavaModel
 
-    config = ModelConfig(vision_tower=base_models["vision_tower"], llm=base_models["llm"], image=ImageConfig(size=32),
-                         template="vicuna_v1", max_length=200)
+    config = ModelConfig(
+        vision_tower=base_models["vision_tower"],
+        llm=base_models["llm"],
+        image=ImageConfig(size=32),
+        template="vicuna_v1",
+        max_length=200,
+    )
     return str(LlavaModel.from_config(config).save_pretrained(tmp_path_factory.mktemp("ckpt") / "model"))
 
 

@@ -12,8 +12,9 @@ import sys
 
 
 def main(port: int) -> None:
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
-                       "LOCAL_RANK": "0"})
+    os.environ.update(
+        {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    )
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
     import torch
@@ -27,9 +28,19 @@ def main(port: int) -> None:
         model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 1))
         optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (s + 1))
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config={
-            "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "train_batch_size": 4,
-            "gradient_clipping": 1.0, "zero_optimization": {"stage": zero}, "bf16": {"enabled": False}})
+        engine, *_ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=schedule,
+            config={
+                "train_micro_batch_size_per_gpu": 2,
+                "gradient_accumulation_steps": 2,
+                "train_batch_size": 4,
+                "gradient_clipping": 1.0,
+                "zero_optimization": {"stage": zero},
+                "bf16": {"enabled": False},
+            },
+        )
         health = StepHealth(HealthConfig(inject_nonfinite_steps=[2]), zero)
         weights = [torch.cat([p.detach().flatten().clone() for p in engine.module.parameters()])]
         applied, lrs = [], []
@@ -44,9 +55,13 @@ def main(port: int) -> None:
                     engine.step()
             weights.append(torch.cat([p.detach().flatten().clone() for p in engine.module.parameters()]))
             lrs.append(engine.get_lr()[0])
-        results[zero] = {"applied": applied, "changed": [not torch.equal(a, b) for a, b in zip(weights, weights[1:])],
-                         "finite": all(bool(torch.isfinite(w).all()) for w in weights), "lr": lrs,
-                         "metrics": health.interval_metrics()}
+        results[zero] = {
+            "applied": applied,
+            "changed": [not torch.equal(a, b) for a, b in zip(weights, weights[1:])],
+            "finite": all(bool(torch.isfinite(w).all()) for w in weights),
+            "lr": lrs,
+            "metrics": health.interval_metrics(),
+        }
     print(json.dumps(results))
 
 

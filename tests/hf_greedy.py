@@ -20,8 +20,9 @@ def hf_greedy_answer(model, prompt: Prompt, max_new_tokens: int) -> str:
     encoded = encode_prompt(model, prompt)
     input_ids = torch.tensor([encoded.input_ids])  # (1, L)
     pixel_values = torch.from_numpy(np.stack(encoded.pixel_values)) if encoded.pixel_values else None  # (n, 3, S, S)
-    row = model.generate(input_ids, pixel_values=pixel_values, max_new_tokens=max_new_tokens, do_sample=False,
-                         eos_token_id=stops)[0].tolist()
+    row = model.generate(
+        input_ids, pixel_values=pixel_values, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops
+    )[0].tolist()
     cut = next((i for i, token in enumerate(row) if token in stops), len(row))
     text = model.tokenizer.decode(row[:cut], skip_special_tokens=True)
     hits = [text.index(s) for s in template.stop_strings if s and s in text]

@@ -47,8 +47,9 @@ class MotoServer:
         self.endpoint = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, **({"INITIAL_NO_AUTH_ACTION_COUNT": "0"} if auth else {}))
         self._log = tempfile.TemporaryFile()
-        self._proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(self.port)], env=env,
-                                      stdout=self._log, stderr=subprocess.STDOUT)
+        self._proc = subprocess.Popen(
+            [exe, "-H", "127.0.0.1", "-p", str(self.port)], env=env, stdout=self._log, stderr=subprocess.STDOUT
+        )
         self._names = itertools.count()
         deadline = time.monotonic() + timeout_s
         while True:
@@ -73,8 +74,13 @@ class MotoServer:
     def client(self):
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
-                            aws_access_key_id="testing", aws_secret_access_key="testing")
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
 
     def make_bucket(self, name: str | None = None) -> str:
         """Create a bucket (default: a unique name) and return ``"s3://name"``."""

@@ -32,8 +32,22 @@ _WORDS = (
     "hello hi yes no thank thanks sure can could would should will"
 ).split()
 _MARKUP = [
-    "USER:", "ASSISTANT:", "Human:", "Assistant:", "###", "### Human:", "### Assistant:", "[INST]", "[/INST]",
-    "<<SYS>>", "<</SYS>>", "<|im_start|>", "<|im_end|>", "system", "user", "assistant",
+    "USER:",
+    "ASSISTANT:",
+    "Human:",
+    "Assistant:",
+    "###",
+    "### Human:",
+    "### Assistant:",
+    "[INST]",
+    "[/INST]",
+    "<<SYS>>",
+    "<</SYS>>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "system",
+    "user",
+    "assistant",
 ]  # no newlines: as in Llama's vocabulary, "\n" is the byte piece <0x0A>
 
 

@@ -79,12 +79,24 @@ def chat_server(tiny_checkpoint):
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")  # a busy 2-core machine starts slowly
     init_ray(num_cpus=4, preload_imports=False)
     config = ServeConfig(
-        model=tiny_checkpoint, model_name="tiny-llava", port=free_port(), api_key_env=KEY_ENV,
-        autoscaling=AutoscalingConfig(min_replicas=1, max_replicas=2, target_ongoing_requests=2,
-                                      upscale_delay_s=1, downscale_delay_s=5),
+        model=tiny_checkpoint,
+        model_name="tiny-llava",
+        port=free_port(),
+        api_key_env=KEY_ENV,
+        autoscaling=AutoscalingConfig(
+            min_replicas=1, max_replicas=2, target_ongoing_requests=2, upscale_delay_s=1, downscale_delay_s=5
+        ),
         replica=ReplicaConfig(num_cpus=0.5, num_gpus=0),
-        limits=LimitsConfig(max_images=2, max_image_bytes=300_000, max_image_pixels=1_000_000, max_tokens=512,
-                            default_max_tokens=16, max_request_bytes=2**21, max_messages=16, max_text_chars=20_000),
+        limits=LimitsConfig(
+            max_images=2,
+            max_image_bytes=300_000,
+            max_image_pixels=1_000_000,
+            max_tokens=512,
+            default_max_tokens=16,
+            max_request_bytes=2**21,
+            max_messages=16,
+            max_text_chars=20_000,
+        ),
         image_fetch=ImageFetchConfig(timeout_s=5, allow=["127.0.0.2/32"]),
     )
     url = run_local(config)

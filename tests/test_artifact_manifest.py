@@ -80,8 +80,9 @@ def test_a_lora_adapter_loads_from_safetensors_only(base_models, tmp_path):
     from llava.training.config import LoraConfig
     from llava.training.lora import apply_lora
 
-    model = LlavaModel.from_config(ModelConfig(vision_tower=base_models["vision_tower"], llm=base_models["llm"],
-                                               image=ImageConfig(size=32)))
+    model = LlavaModel.from_config(
+        ModelConfig(vision_tower=base_models["vision_tower"], llm=base_models["llm"], image=ImageConfig(size=32))
+    )
     apply_lora(model, LoraConfig(enabled=True, r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
     ckpt = model.save_pretrained(tmp_path / "lora")
     adapter = ckpt / ADAPTER_DIR
@@ -151,8 +152,9 @@ def test_reexport_to_the_same_s3_uri_is_never_served_stale(tiny_checkpoint, s3_b
     storage.write_text(f"{uri}/extra.bin", "planted")  # not listed: never downloaded
     assert not (Path(storage.local_copy(uri)) / "extra.bin").exists()
 
-    storage.write_text(f"{uri}/{MANIFEST_FILE}", json.dumps({"format": "llava-ray-checksums/1", "complete": False,
-                                                             "files": {}}))  # as during a re-export
+    storage.write_text(
+        f"{uri}/{MANIFEST_FILE}", json.dumps({"format": "llava-ray-checksums/1", "complete": False, "files": {}})
+    )  # as during a re-export
     with pytest.raises(storage.StorageError, match="being written"):
         load_checkpoint(uri)
 
@@ -176,11 +178,23 @@ def test_resume_from_a_tampered_deepspeed_checkpoint_is_refused_before_unpicklin
     prepare_digits(str(tmp_path / "digits"))
 
     def run(max_steps: int):
-        return train(load_train_config("pretrain", preset="demo", overrides=[
-            f"model.vision_tower={base_models['vision_tower']}", f"model.llm={base_models['llm']}",
-            f"data.train=[{tmp_path / 'digits' / 'stage1'}]", f"checkpoint.storage_path={tmp_path / 'runs'}",
-            "checkpoint.run_name=tamper", "checkpoint.max_failures=0", "data.cache=false",
-            f"optim.max_steps={max_steps}", "checkpoint.every_steps=2"]))
+        return train(
+            load_train_config(
+                "pretrain",
+                preset="demo",
+                overrides=[
+                    f"model.vision_tower={base_models['vision_tower']}",
+                    f"model.llm={base_models['llm']}",
+                    f"data.train=[{tmp_path / 'digits' / 'stage1'}]",
+                    f"checkpoint.storage_path={tmp_path / 'runs'}",
+                    "checkpoint.run_name=tamper",
+                    "checkpoint.max_failures=0",
+                    "data.cache=false",
+                    f"optim.max_steps={max_steps}",
+                    "checkpoint.every_steps=2",
+                ],
+            )
+        )
 
     first = run(2)
     checkpoint = Path(first.checkpoint)

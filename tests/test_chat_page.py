@@ -34,8 +34,16 @@ from PIL import Image, ImageChops
 from tests.conftest import png
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 IN_CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 TIMEOUT_MS = 120_000  # a first answer on a busy 2-core machine
 
@@ -43,11 +51,18 @@ try:
     _HAVE_PLAYWRIGHT = importlib.util.find_spec("playwright.sync_api") is not None
 except ImportError:  # no playwright package at all
     _HAVE_PLAYWRIGHT = False
-_MISSING = [what for what, ok in ((f"Chromium at {CHROMIUM} (apt-get install chromium)", Path(CHROMIUM).exists()),
-                                  ("the playwright package (pip install -e '.[test]')", _HAVE_PLAYWRIGHT)) if not ok]
+_MISSING = [
+    what
+    for what, ok in (
+        (f"Chromium at {CHROMIUM} (apt-get install chromium)", Path(CHROMIUM).exists()),
+        ("the playwright package (pip install -e '.[test]')", _HAVE_PLAYWRIGHT),
+    )
+    if not ok
+]
 if _MISSING and not IN_CI:
-    pytest.skip("chat page tests need " + " and ".join(_MISSING) + "; .ci/install installs both",
-                allow_module_level=True)
+    pytest.skip(
+        "chat page tests need " + " and ".join(_MISSING) + "; .ci/install installs both", allow_module_level=True
+    )
 
 # Runs before the page's own script: wraps fetch so that the test gets a copy (tee) of every chat
 # completion response body, byte for byte as the page reads it, without changing what the page sees.
@@ -116,7 +131,8 @@ def send(page, text: str):
     page.click("#send")
     page.wait_for_function(  # an answer finished streaming, or an error bubble replaced the failed turn
         f"() => document.querySelectorAll('.msg.error').length > {errors} || "
-        f"document.querySelectorAll(\".msg.assistant[data-state='done']\").length > {answers}")
+        f"document.querySelectorAll(\".msg.assistant[data-state='done']\").length > {answers}"
+    )
     if page.locator(".msg.error").count() > errors:
         return page.locator(".msg.error").last
     return page.locator(".msg.assistant").last
@@ -134,7 +150,7 @@ def parse_sse(text: str) -> tuple[str, list[dict]]:
     chunks = []
     for event in events[:-2]:
         assert event.startswith("data: "), event
-        chunk = json.loads(event[len("data: "):])
+        chunk = json.loads(event[len("data: ") :])
         assert "error" not in chunk, chunk
         chunks.append(chunk)
     content = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
@@ -167,9 +183,17 @@ def test_page_streams_a_real_answer_about_an_uploaded_image(page, chat_server, t
     # The request is the OpenAI request for this image and question (no temperature: the server default).
     body = sent.value.post_data_json
     assert sent.value.headers["authorization"] == f"Bearer {chat_server.key}"
-    assert body == {"model": "tiny-llava", "stream": True, "max_tokens": 128, "messages": [
-        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url}},
-                                     {"type": "text", "text": question}]}]}
+    assert body == {
+        "model": "tiny-llava",
+        "stream": True,
+        "max_tokens": 128,
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": data_url}}, {"type": "text", "text": question}],
+            }
+        ],
+    }
     user = page.locator(".msg.user").first
     assert user.text_content() == question and user.locator("img").get_attribute("src") == data_url
 
@@ -187,7 +211,10 @@ def test_page_streams_a_real_answer_about_an_uploaded_image(page, chat_server, t
     page.screenshot(path=str(tmp_path / "after.png"), full_page=True)
     n_colours, dark = colours(tmp_path / "answer.png")
     assert n_colours > 1 and dark >= 20, f"the answer bubble looks blank ({n_colours} colours, {dark} dark pixels)"
-    before, after = Image.open(tmp_path / "before.png").convert("RGB"), Image.open(tmp_path / "after.png").convert("RGB")
+    before, after = (
+        Image.open(tmp_path / "before.png").convert("RGB"),
+        Image.open(tmp_path / "after.png").convert("RGB"),
+    )
     assert before.size != after.size or ImageChops.difference(before, after).getbbox() is not None
 
     # Determinism: the same turn again at temperature 0 (added to the page's own request) equals the API's answer.
@@ -228,9 +255,10 @@ def test_wrong_api_key_shows_an_error_and_the_server_still_answers(page, chat_se
     assert red_text.sum() >= 20, "the error bubble shows no text"
 
     # The server still answers: the API with the right key, and the page once the right key is typed.
-    status, reply = chat_server.post("/v1/chat/completions", {
-        "model": "tiny-llava", "max_tokens": 8, "temperature": 0,
-        "messages": [{"role": "user", "content": "Hello"}]})
+    status, reply = chat_server.post(
+        "/v1/chat/completions",
+        {"model": "tiny-llava", "max_tokens": 8, "temperature": 0, "messages": [{"role": "user", "content": "Hello"}]},
+    )
     assert status == 200 and reply["choices"][0]["message"]["role"] == "assistant", reply
     enter_key(page, chat_server.key)
     page.wait_for_function("() => document.getElementById('model').textContent === 'tiny-llava'")

@@ -26,8 +26,13 @@ def sources(base_models):
     torch.manual_seed(0)
     models = {}
     for projector in ("mlp2x_gelu", "linear"):
-        config = ModelConfig(vision_tower=base_models["vision_tower"], llm=base_models["llm"], max_length=200,
-                             projector=ProjectorConfig(type=projector), image=ImageConfig(size=32, aspect="pad"))
+        config = ModelConfig(
+            vision_tower=base_models["vision_tower"],
+            llm=base_models["llm"],
+            max_length=200,
+            projector=ProjectorConfig(type=projector),
+            image=ImageConfig(size=32, aspect="pad"),
+        )
         models[projector] = LlavaModel.from_config(config).eval()
     with torch.no_grad():  # a trained-looking vision tower, so "saved tower" and "base tower" differ
         models["mlp2x_gelu"].vision_tower.post_layernorm.bias.add_(0.5)
@@ -49,12 +54,12 @@ def official_state_dict(model, with_vision: bool) -> dict[str, torch.Tensor]:
     state = {}
     for key, value in model.state_dict().items():
         if key.startswith("llm."):
-            state[key[len("llm."):]] = value  # model.embed_tokens / model.layers.* / model.norm / lm_head
+            state[key[len("llm.") :]] = value  # model.embed_tokens / model.layers.* / model.norm / lm_head
         elif key.startswith("projector."):
-            state["model.mm_projector." + key[len("projector."):]] = value  # Sequential 0/2, or a bare Linear
+            state["model.mm_projector." + key[len("projector.") :]] = value  # Sequential 0/2, or a bare Linear
         elif key.startswith("vision_tower.") and with_vision:
             # CLIPVisionTower.vision_tower is a CLIPVisionModel, named by transformers 4 with `vision_model.`
-            state["model.vision_tower.vision_tower.vision_model." + key[len("vision_tower."):]] = value
+            state["model.vision_tower.vision_tower.vision_model." + key[len("vision_tower.") :]] = value
     return {k: v.detach().clone().contiguous() for k, v in state.items()}
 
 
@@ -63,13 +68,24 @@ def write_official(model, out: Path, base_models, with_vision=True, shards=1, we
     out.mkdir(parents=True)
     fields = {
         **model.llm.config.to_dict(),
-        "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama",
-        "mm_vision_tower": base_models["vision_tower"], "mm_projector_type": model.config.projector.type,
-        "mm_hidden_size": model.vision_tower.config.hidden_size, "mm_vision_select_layer": -2,
-        "mm_vision_select_feature": "patch", "mm_use_im_start_end": False, "mm_use_im_patch_token": False,
-        "image_aspect_ratio": "pad", "mm_patch_merge_type": "flat", "mm_projector_lr": None,
-        "tokenizer_model_max_length": 200, "tokenizer_padding_side": "right", "tune_mm_mlp_adapter": False,
-        "freeze_mm_mlp_adapter": False, "use_mm_proj": True, **config,
+        "architectures": ["LlavaLlamaForCausalLM"],
+        "model_type": "llava_llama",
+        "mm_vision_tower": base_models["vision_tower"],
+        "mm_projector_type": model.config.projector.type,
+        "mm_hidden_size": model.vision_tower.config.hidden_size,
+        "mm_vision_select_layer": -2,
+        "mm_vision_select_feature": "patch",
+        "mm_use_im_start_end": False,
+        "mm_use_im_patch_token": False,
+        "image_aspect_ratio": "pad",
+        "mm_patch_merge_type": "flat",
+        "mm_projector_lr": None,
+        "tokenizer_model_max_length": 200,
+        "tokenizer_padding_side": "right",
+        "tune_mm_mlp_adapter": False,
+        "freeze_mm_mlp_adapter": False,
+        "use_mm_proj": True,
+        **config,
     }
     (out / "config.json").write_text(json.dumps(fields, indent=2))
     state = official_state_dict(model, with_vision)
@@ -91,12 +107,18 @@ def write_official(model, out: Path, base_models, with_vision=True, shards=1, we
 # How transformers 5 writes a LlavaForConditionalGeneration to disk (its saved names) -> the two namings users have:
 NAMINGS = {
     # transformers 4.52-4.x saved the in-memory names
-    "model.language_model": [("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
-                             ("vision_tower.", "model.vision_tower."),
-                             ("multi_modal_projector.", "model.multi_modal_projector.")],
+    "model.language_model": [
+        ("language_model.model.", "model.language_model."),
+        ("language_model.lm_head.", "lm_head."),
+        ("vision_tower.", "model.vision_tower."),
+        ("multi_modal_projector.", "model.multi_modal_projector."),
+    ],
     # released llava-hf repos (e.g. llava-hf/llava-1.5-7b-hf), written by transformers 4 with CLIP's `vision_model.`
-    "language_model.model": [("language_model.", "language_model."), ("vision_tower.", "vision_tower.vision_model."),
-                             ("multi_modal_projector.", "multi_modal_projector.")],
+    "language_model.model": [
+        ("language_model.", "language_model."),
+        ("vision_tower.", "vision_tower.vision_model."),
+        ("multi_modal_projector.", "multi_modal_projector."),
+    ],
 }
 
 
@@ -114,7 +136,7 @@ def write_llava_hf(model, out: Path, naming: str) -> Path:
         renamed = {}
         for key, value in load_file(str(file)).items():
             old, new = next((o, n) for o, n in NAMINGS[naming] if key.startswith(o))
-            renamed[new + key[len(old):]] = value
+            renamed[new + key[len(old) :]] = value
         save_file(renamed, str(file), metadata={"format": "pt"})
     return out
 
@@ -155,7 +177,9 @@ def test_official_tower_not_saved_comes_from_mm_vision_tower(sources, base_model
     from transformers import CLIPVisionModel
 
     tower = CLIPVisionModel.from_pretrained(base_models["vision_tower"])
-    assert all(torch.equal(a, b) for a, b in zip(loaded.vision_tower.state_dict().values(), tower.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(loaded.vision_tower.state_dict().values(), tower.state_dict().values())
+    )
     assert not torch.equal(logits(loaded), logits(source))  # the source's tower was changed, the base one is used
     assert torch.equal(loaded.llm.lm_head.weight, source.llm.lm_head.weight)
 
@@ -240,8 +264,14 @@ def test_llava_hf_with_a_siglip_tower_is_refused(sources, tmp_path):
 
     path = write_llava_hf(sources["mlp2x_gelu"], tmp_path / "hf", "language_model.model")
     config = json.loads((path / "config.json").read_text())
-    config["vision_config"] = {"model_type": "siglip_vision_model", "hidden_size": 64, "image_size": 32,
-                               "patch_size": 8, "num_hidden_layers": 2, "num_attention_heads": 4}
+    config["vision_config"] = {
+        "model_type": "siglip_vision_model",
+        "hidden_size": 64,
+        "image_size": 32,
+        "patch_size": 8,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+    }
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"vision tower 'siglip_vision_model' is not supported"):
         load_checkpoint(str(path))
@@ -253,9 +283,16 @@ def test_llava_hf_with_a_siglip_tower_is_refused(sources, tmp_path):
 def finetune_config(base_models, *overrides):
     from llava.training.config import load_train_config
 
-    return load_train_config("finetune", preset="demo", overrides=[
-        f"model.vision_tower={base_models['vision_tower']}", f"model.llm={base_models['llm']}", "data.train=[unused]",
-        *overrides])
+    return load_train_config(
+        "finetune",
+        preset="demo",
+        overrides=[
+            f"model.vision_tower={base_models['vision_tower']}",
+            f"model.llm={base_models['llm']}",
+            "data.train=[unused]",
+            *overrides,
+        ],
+    )
 
 
 def test_stage2_init_from_an_official_checkpoint(sources, base_models, tmp_path):
@@ -286,7 +323,9 @@ def test_training_converts_a_foreign_init_from_once_into_a_llava_ray_checkpoint(
     out = import_for_training(str(official), str(tmp_path / "run" / "imported"), template="llava_v1")
     converted = LlavaModel.from_pretrained(out)
     assert torch.equal(logits(converted.eval()), logits(source))
-    assert converted.config.llm == str(tmp_path / "run" / "imported" / LLM_DIR) and converted.config.template == "llava_v1"
+    assert (
+        converted.config.llm == str(tmp_path / "run" / "imported" / LLM_DIR) and converted.config.template == "llava_v1"
+    )
     stamp = (Path(out) / LLM_DIR / "model.safetensors").stat().st_mtime_ns
     assert import_for_training(str(official), out) == out
     assert (Path(out) / LLM_DIR / "model.safetensors").stat().st_mtime_ns == stamp  # not written again
@@ -311,8 +350,9 @@ def test_stage2_projector_from_an_official_mm_projector_bin(sources, base_models
     source = sources["mlp2x_gelu"]
     projector_file = tmp_path / "mm_projector.bin"
     # llava/train/llava_trainer.py `_save_checkpoint`: the projector's weights under their full model names
-    torch.save({"model.mm_projector." + k: v.clone().half() for k, v in source.projector.state_dict().items()},
-               projector_file)
+    torch.save(
+        {"model.mm_projector." + k: v.clone().half() for k, v in source.projector.state_dict().items()}, projector_file
+    )
     model, _ = build_model(finetune_config(base_models, f"projector_init={projector_file}"))
     for key, value in source.projector.state_dict().items():
         assert torch.equal(model.projector.state_dict()[key], value.half().float())
@@ -326,9 +366,13 @@ def test_projector_init_from_s3(sources, base_models, s3_bucket, tmp_path):
     from llava.model_loading import load_projector
 
     source = sources["linear"]
-    save_file({"model.mm_projector." + k: v.contiguous() for k, v in source.projector.state_dict().items()},
-              str(tmp_path / "mm_projector.safetensors"))
-    storage.write_bytes(f"{s3_bucket}/stage1/mm_projector.safetensors", (tmp_path / "mm_projector.safetensors").read_bytes())
+    save_file(
+        {"model.mm_projector." + k: v.contiguous() for k, v in source.projector.state_dict().items()},
+        str(tmp_path / "mm_projector.safetensors"),
+    )
+    storage.write_bytes(
+        f"{s3_bucket}/stage1/mm_projector.safetensors", (tmp_path / "mm_projector.safetensors").read_bytes()
+    )
     target = sources["linear"].__class__.from_config(source.config)
     load_projector(target, f"{s3_bucket}/stage1/mm_projector.safetensors")
     assert torch.equal(logits(target.eval()), logits(source))
@@ -375,25 +419,33 @@ def test_bad_checkpoints_are_refused_naming_the_file_and_the_problem(sources, ba
     state = load_file(str(missing / "model.safetensors"))
     del state["model.norm.weight"]
     save_file(state, str(missing / "model.safetensors"))
-    with pytest.raises(CheckpointError, match=r"missing: the language model weights do not fit: 1 missing .*model.norm"):
+    with pytest.raises(
+        CheckpointError, match=r"missing: the language model weights do not fit: 1 missing .*model.norm"
+    ):
         load_checkpoint(str(missing))
 
     shape = write_official(source, tmp_path / "shape", base_models)
     state = load_file(str(shape / "model.safetensors"))
     state["model.mm_projector.weight"] = torch.zeros(3, 3)
     save_file(state, str(shape / "model.safetensors"))
-    with pytest.raises(CheckpointError, match=r"linear projector weights do not fit: shape mismatch \(weight: \(3, 3\)"):
+    with pytest.raises(
+        CheckpointError, match=r"linear projector weights do not fit: shape mismatch \(weight: \(3, 3\)"
+    ):
         load_checkpoint(str(shape))
 
     extra = write_official(source, tmp_path / "extra", base_models)
     state = load_file(str(extra / "model.safetensors"))
     state["model.image_newline"] = torch.zeros(128)  # LLaVA-NeXT
     save_file(state, str(extra / "model.safetensors"))
-    with pytest.raises(CheckpointError, match=r"language model weights do not fit: 1 unexpected .*'model.image_newline'"):
+    with pytest.raises(
+        CheckpointError, match=r"language model weights do not fit: 1 unexpected .*'model.image_newline'"
+    ):
         load_checkpoint(str(extra))
     state["vision_resampler.weight"] = torch.zeros(2)
     save_file(state, str(extra / "model.safetensors"))
-    with pytest.raises(CheckpointError, match=r"not part of an official LLaVA checkpoint: \['vision_resampler.weight'\]"):
+    with pytest.raises(
+        CheckpointError, match=r"not part of an official LLaVA checkpoint: \['vision_resampler.weight'\]"
+    ):
         load_checkpoint(str(extra))
 
     escape = write_official(source, tmp_path / "escape", base_models, shards=2)
@@ -446,11 +498,24 @@ def test_llava_hf_model_lora_finetune_export_serve_answer_through_openai(sources
     init_ray(num_cpus=4)
     try:
         prepare_digits(str(tmp_path / "digits"))
-        result = train(finetune_config(
-            base_models, f"init_from={hf}", f"data.train=[{tmp_path / 'digits' / 'stage2'}]",
-            "lora.enabled=true", "lora.r=8", "lora.alpha=16", "optim.max_steps=3", "workers.num_workers=1",
-            "data.micro_batch_size=8", "optim.global_batch_size=8", "data.cache=false", "log_every_steps=1",
-            f"checkpoint.storage_path={tmp_path / 'runs'}", "checkpoint.run_name=lora"))
+        result = train(
+            finetune_config(
+                base_models,
+                f"init_from={hf}",
+                f"data.train=[{tmp_path / 'digits' / 'stage2'}]",
+                "lora.enabled=true",
+                "lora.r=8",
+                "lora.alpha=16",
+                "optim.max_steps=3",
+                "workers.num_workers=1",
+                "data.micro_batch_size=8",
+                "optim.global_batch_size=8",
+                "data.cache=false",
+                "log_every_steps=1",
+                f"checkpoint.storage_path={tmp_path / 'runs'}",
+                "checkpoint.run_name=lora",
+            )
+        )
         assert (Path(result.model) / ADAPTER_DIR).is_dir() and result.steps == 3
         assert all(m["loss"] == m["loss"] for m in result.metrics)  # finite losses were logged
         tuned = load_checkpoint(result.run_dir)
@@ -460,17 +525,34 @@ def test_llava_hf_model_lora_finetune_export_serve_answer_through_openai(sources
         ray.shutdown()  # serve on a fresh Ray whose workers skip the training imports (as tests/serve_fixtures.py)
         os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")  # a busy 2-core machine starts slowly
         init_ray(num_cpus=4, preload_imports=False)
-        config = ServeConfig(model=str(tmp_path / "export"), model_name="tuned", port=free_port(),
-                             api_key_env="LLAVA_RAY_TEST_NO_KEY",
-                             autoscaling=AutoscalingConfig(min_replicas=1, max_replicas=1),
-                             replica=ReplicaConfig(num_cpus=0.5, num_gpus=0))
+        config = ServeConfig(
+            model=str(tmp_path / "export"),
+            model_name="tuned",
+            port=free_port(),
+            api_key_env="LLAVA_RAY_TEST_NO_KEY",
+            autoscaling=AutoscalingConfig(min_replicas=1, max_replicas=1),
+            replica=ReplicaConfig(num_cpus=0.5, num_gpus=0),
+        )
         url = run_local(config)
         image = png(21, size=32)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-        response = client.chat.completions.create(model="tuned", temperature=0, max_tokens=8, messages=[{
-            "role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(image).decode()}},
-                {"type": "text", "text": "What digit is this?"}]}])
+        response = client.chat.completions.create(
+            model="tuned",
+            temperature=0,
+            max_tokens=8,
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "image_url",
+                            "image_url": {"url": "data:image/png;base64," + base64.b64encode(image).decode()},
+                        },
+                        {"type": "text", "text": "What digit is this?"},
+                    ],
+                }
+            ],
+        )
         exported = load_model(str(tmp_path / "export"), device="cpu", dtype=torch.float32)
         prompt = encode_prompt(exported, Prompt([{"from": "human", "value": "<image>\nWhat digit is this?"}], [image]))
         answer = response.choices[0].message.content

@@ -28,8 +28,15 @@ def test_show_masks_prints_ids_labels_and_tokens(base_models, tmp_path):
     }
     (tmp_path / "sample.json").write_text(json.dumps(sample))
     result = llava_ray(
-        "show-masks", "--tokenizer", base_models["llm"], "--template", "vicuna_v1",
-        "--json", str(tmp_path / "sample.json"), "--image-tokens", "5",
+        "show-masks",
+        "--tokenizer",
+        base_models["llm"],
+        "--template",
+        "vicuna_v1",
+        "--json",
+        str(tmp_path / "sample.json"),
+        "--image-tokens",
+        "5",
     )
     shown = json.loads(result.stdout)
     assert len(shown["input_ids"]) == len(shown["labels"]) == len(shown["tokens"])
@@ -41,9 +48,23 @@ def test_show_masks_prints_ids_labels_and_tokens(base_models, tmp_path):
 
 
 def test_show_masks_refuses_a_bad_sample_with_its_reason(base_models, tmp_path, capsys):
-    sample = {"id": "x", "image": "a.jpg", "conversations": [{"from": "human", "value": "no image token"}, {"from": "gpt", "value": "hi"}]}
+    sample = {
+        "id": "x",
+        "image": "a.jpg",
+        "conversations": [{"from": "human", "value": "no image token"}, {"from": "gpt", "value": "hi"}],
+    }
     (tmp_path / "bad.json").write_text(json.dumps([sample]))
-    code = main(["show-masks", "--tokenizer", base_models["llm"], "--template", "vicuna_v1", "--json", str(tmp_path / "bad.json")])
+    code = main(
+        [
+            "show-masks",
+            "--tokenizer",
+            base_models["llm"],
+            "--template",
+            "vicuna_v1",
+            "--json",
+            str(tmp_path / "bad.json"),
+        ]
+    )
     assert code == 2
     assert "image_count_mismatch" in capsys.readouterr().err
 
@@ -56,7 +77,9 @@ def test_tiny_model_then_export_from_the_command_line(tmp_path, capsys):
 
     assert main(["tiny-model", "--out", str(tmp_path / "base")]) == 0
     paths = json.loads(capsys.readouterr().out)
-    model = LlavaModel.from_config(ModelConfig(vision_tower=paths["vision_tower"], llm=paths["llm"], image=ImageConfig(size=32)))
+    model = LlavaModel.from_config(
+        ModelConfig(vision_tower=paths["vision_tower"], llm=paths["llm"], image=ImageConfig(size=32))
+    )
     model.save_pretrained(tmp_path / "ckpt")
     assert main(["export", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -67,7 +90,9 @@ def test_tiny_model_then_export_from_the_command_line(tmp_path, capsys):
     ids = torch.tensor([[1] + [model.image_token_id] * model.num_image_tokens + [5, 6]])
     pixels = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        diff = (hf_model(input_ids=ids, pixel_values=pixels).logits - model(ids, pixel_values=pixels).logits).abs().max()
+        diff = (
+            (hf_model(input_ids=ids, pixel_values=pixels).logits - model(ids, pixel_values=pixels).logits).abs().max()
+        )
     assert diff < 1e-4
 
 
@@ -90,7 +115,10 @@ def test_demo_runs_both_stages_and_prints_its_summary(tmp_path):
     assert summary["heldout_accuracy"] == round(correct / 300, 4)
     assert (Path(summary["checkpoint"]) / "llm" / "model.safetensors").exists()
     assert (Path(summary["export"]) / "config.json").exists()
-    assert json.loads((tmp_path / "demo" / "runs" / "stage2" / "output.json").read_text())["model"] == summary["checkpoint"]
+    assert (
+        json.loads((tmp_path / "demo" / "runs" / "stage2" / "output.json").read_text())["model"]
+        == summary["checkpoint"]
+    )
     manifest = json.loads((tmp_path / "demo" / "pipeline.json").read_text())  # the demo is the pipeline
     assert [*manifest["stages"]] == ["prepare", "stage1", "stage2", "eval", "export"]
     assert all(s["status"] == "complete" and s["ended"] for s in manifest["stages"].values())
@@ -119,15 +147,32 @@ def test_serve_runs_the_serve_config_file_until_interrupted(tiny_checkpoint, tmp
     exe = Path(sys.executable).parent / "llava-ray"
     env = dict(os.environ, RAY_TMPDIR=os.environ["RAY_TMPDIR"])
     server = subprocess.Popen(
-        [str(exe), "serve", "--config", str(tmp_path / "serve.yaml"), "--model", tiny_checkpoint, "--port", str(port),
-         "replica.num_gpus=0", "replica.num_cpus=0.5", "autoscaling.max_replicas=1", "model_name=from-cli"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+        [
+            str(exe),
+            "serve",
+            "--config",
+            str(tmp_path / "serve.yaml"),
+            "--model",
+            tiny_checkpoint,
+            "--port",
+            str(port),
+            "replica.num_gpus=0",
+            "replica.num_cpus=0.5",
+            "autoscaling.max_replicas=1",
+            "model_name=from-cli",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
     try:
         ready = json.loads(server.stdout.readline())  # printed once the app is up
         assert ready["openai_base_url"] == f"http://127.0.0.1:{port}/v1" and ready["model"] == "from-cli"
         assert json.loads(urllib.request.urlopen(ready["url"] + "/health", timeout=30).read())["model"] == "from-cli"
         answer = openai.OpenAI(base_url=ready["openai_base_url"], api_key="unused").chat.completions.create(
-            model="from-cli", max_tokens=3, messages=[{"role": "user", "content": "hello"}])
+            model="from-cli", max_tokens=3, messages=[{"role": "user", "content": "hello"}]
+        )
         assert answer.choices[0].message.role == "assistant" and answer.usage.completion_tokens >= 1
         assert "<html" in urllib.request.urlopen(ready["chat_page"], timeout=30).read().decode().lower()
     finally:

@@ -64,15 +64,23 @@ def _worker_pods(cluster_spec: dict) -> list[dict]:
         for container in group["template"]["spec"]["containers"]:
             for key, value in container.get("resources", {}).get("limits", {}).items():
                 limits[key] = limits.get(key, 0) + (_quantity(value) if key in ("cpu", "nvidia.com/gpu") else 0)
-        groups.append({"name": group["groupName"], "max": group.get("maxReplicas", group.get("replicas", 0)),
-                       "min": group.get("minReplicas", 0), "replicas": group.get("replicas", 0),
-                       "gpus": limits.get("nvidia.com/gpu", 0), "cpus": limits.get("cpu", 0)})
+        groups.append(
+            {
+                "name": group["groupName"],
+                "max": group.get("maxReplicas", group.get("replicas", 0)),
+                "min": group.get("minReplicas", 0),
+                "replicas": group.get("replicas", 0),
+                "gpus": limits.get("nvidia.com/gpu", 0),
+                "cpus": limits.get("cpu", 0),
+            }
+        )
     return groups
 
 
 def _pod_specs(cluster_spec: dict) -> list[dict]:
     return [cluster_spec["headGroupSpec"]["template"]["spec"]] + [
-        g["template"]["spec"] for g in cluster_spec["workerGroupSpecs"]]
+        g["template"]["spec"] for g in cluster_spec["workerGroupSpecs"]
+    ]
 
 
 def _check_llava_ray_command(command: str):
@@ -98,8 +106,7 @@ def _check_llava_ray_command(command: str):
 
 def test_the_cluster_files_are_there():
     names = {str(p.relative_to(CLUSTER)) for p in _yaml_files()}
-    assert {"aws.yaml", "kuberay/rayjob-stage1.yaml", "kuberay/rayjob-stage2.yaml",
-            "kuberay/rayservice.yaml"} <= names
+    assert {"aws.yaml", "kuberay/rayjob-stage1.yaml", "kuberay/rayjob-stage2.yaml", "kuberay/rayservice.yaml"} <= names
     assert (CLUSTER / "README.md").is_file()
 
 
@@ -136,8 +143,9 @@ def test_aws_launcher_has_a_cpu_head_and_on_demand_and_spot_gpu_groups():
     assert not GPU_INSTANCE.match(head["node_config"]["InstanceType"]), "the head should be a CPU instance"
     workers = {name: t for name, t in types.items() if name != config["head_node_type"]}
     gpu = {name: t for name, t in workers.items() if GPU_INSTANCE.match(t["node_config"]["InstanceType"])}
-    spot = {name for name, t in gpu.items()
-            if t["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"}
+    spot = {
+        name for name, t in gpu.items() if t["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"
+    }
     on_demand = set(gpu) - spot
     assert spot, "no spot GPU worker group (InstanceMarketOptions.MarketType: spot)"
     assert on_demand, "no on-demand GPU worker group"
@@ -241,7 +249,8 @@ def test_rayservice_embeds_serve_config_unchanged():
     embedded = yaml.safe_load(service["spec"]["serveConfigV2"])
     assert embedded == yaml.safe_load(SERVE_CONFIG.read_text()), (
         "cluster/kuberay/rayservice.yaml's serveConfigV2 differs from serve/config.yaml: paste the "
-        "file there again (indented by 4 under `serveConfigV2: |`)")
+        "file there again (indented by 4 under `serveConfigV2: |`)"
+    )
 
 
 def test_rayservice_cluster_has_gpu_workers_for_every_replica():
@@ -259,7 +268,8 @@ def test_rayservice_cluster_has_gpu_workers_for_every_replica():
             capacity = sum(g["max"] * int(g["gpus"] // num_gpus) for g in groups if g["cpus"] >= num_cpus)
             assert autoscaling.get("max_replicas", 1) <= capacity, (
                 f"{app['name']}: {autoscaling.get('max_replicas')} replicas of {num_gpus} GPU(s) "
-                f"+ {num_cpus} CPU(s), room for {capacity}")
+                f"+ {num_cpus} CPU(s), room for {capacity}"
+            )
 
 
 def test_serve_import_path_resolves(monkeypatch):
@@ -334,7 +344,9 @@ def _all_pod_templates() -> list[tuple[str, dict, dict]]:
             labels.update({"ray.io/is-ray-node": "yes", "ray.io/node-type": "head" if group == "head" else "worker"})
             pods.append((f"{name}/{group}", labels, spec["template"]["spec"]))
         if kind == "RayJob" and doc["spec"].get("submissionMode", "K8sJobMode") == "K8sJobMode":
-            assert "submitterPodTemplate" in doc["spec"], f"{name}: the submitter needs the Ray token (submitterPodTemplate)"
+            assert "submitterPodTemplate" in doc["spec"], (
+                f"{name}: the submitter needs the Ray token (submitterPodTemplate)"
+            )
             pods.append((f"{name}/submitter", {}, doc["spec"]["submitterPodTemplate"]["spec"]))
     return pods
 
@@ -366,7 +378,9 @@ def test_no_secret_value_is_written_in_a_manifest():
                 if secretish.search(name):
                     assert _from_secret(entry), f"{where}: {name} has a literal value; use a secretKeyRef"
     for path in _yaml_files():
-        assert not any(d.get("kind") == "Secret" for d in _docs(path)), f"{path}: Secrets are created with kubectl, not committed"
+        assert not any(d.get("kind") == "Secret" for d in _docs(path)), (
+            f"{path}: Secrets are created with kubectl, not committed"
+        )
 
 
 def test_the_serving_api_key_comes_from_a_secret():
@@ -415,8 +429,12 @@ def test_network_policies_open_the_control_plane_only_to_the_namespace_and_the_o
             for rule in rules:
                 assert rule.get("from"), f"{where}: a rule admits port {port} from anywhere"
                 assert all(_peer_allowed(peer) for peer in rule["from"]), f"{where}: port {port} open to {rule['from']}"
-        operator = [r for p in selecting for r in p["spec"].get("ingress", [])
-                    if any("namespaceSelector" in peer for peer in r.get("from", []))]
+        operator = [
+            r
+            for p in selecting
+            for r in p["spec"].get("ingress", [])
+            if any("namespaceSelector" in peer for peer in r.get("from", []))
+        ]
         assert all(_admits(r, port) for r in operator for port in CONTROL_PLANE_PORTS), "the operator needs these ports"
 
 
@@ -440,8 +458,11 @@ def _as_list(value) -> list:
 
 
 def test_training_and_serving_run_under_separate_service_accounts_and_roles():
-    accounts = {d["metadata"]["name"]: d["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
-                for d in _docs(SERVICE_ACCOUNTS) if d.get("kind") == "ServiceAccount"}
+    accounts = {
+        d["metadata"]["name"]: d["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
+        for d in _docs(SERVICE_ACCOUNTS)
+        if d.get("kind") == "ServiceAccount"
+    }
     pods = {where: _service_account(pod) for where, _, pod in _all_pod_templates() if not where.endswith("/submitter")}
     train = {sa for where, sa in pods.items() if not where.startswith("service/")}
     serve = {sa for where, sa in pods.items() if where.startswith("service/")}
@@ -451,13 +472,18 @@ def test_training_and_serving_run_under_separate_service_accounts_and_roles():
     assert accounts[train_sa] != accounts[serve_sa], "the two service accounts must map to different IAM roles"
     for who, account in (("train", train_sa), ("serve", serve_sa)):
         trust = _policy(f"{who}-trust.json")
-        subjects = [v for s in _statements(trust) for cond in s.get("Condition", {}).values()
-                    for k, v in cond.items() if k.endswith(":sub")]
+        subjects = [
+            v
+            for s in _statements(trust)
+            for cond in s.get("Condition", {}).values()
+            for k, v in cond.items()
+            if k.endswith(":sub")
+        ]
         assert subjects and all(s.endswith(f":{account}") for s in subjects), f"{who}-trust.json admits {subjects}"
 
 
 def _s3_arn(uri: str) -> str:
-    return "arn:aws:s3:::" + uri[len("s3://"):].rstrip("/")
+    return "arn:aws:s3:::" + uri[len("s3://") :].rstrip("/")
 
 
 def test_the_serving_role_can_only_read_the_served_model():
@@ -465,7 +491,9 @@ def test_the_serving_role_can_only_read_the_served_model():
     for statement in _statements(_policy("serve-policy.json")):
         assert statement["Effect"] == "Allow"
         actions = _as_list(statement["Action"])
-        assert not [a for a in actions if any(w in a for w in ("Put", "Delete", "*", "Abort", "Restore", "Replicate"))], actions
+        assert not [
+            a for a in actions if any(w in a for w in ("Put", "Delete", "*", "Abort", "Restore", "Replicate"))
+        ], actions
         assert set(actions) <= {"s3:GetObject", "s3:ListBucket"}, actions
         for resource in _as_list(statement["Resource"]):
             if "s3:GetObject" in actions:
@@ -480,8 +508,11 @@ def test_the_training_role_writes_only_under_the_run_prefix():
     for stage in RAYJOBS:
         _, config = _check_llava_ray_command(_one(RAYJOBS[stage], "RayJob")["spec"]["entrypoint"])
         roots.add(_s3_arn(config.checkpoint.storage_path))
-    writes = [s for s in _statements(_policy("train-policy.json"))
-              if any(w in a for a in _as_list(s["Action"]) for w in ("Put", "Delete", "*"))]
+    writes = [
+        s
+        for s in _statements(_policy("train-policy.json"))
+        if any(w in a for a in _as_list(s["Action"]) for w in ("Put", "Delete", "*"))
+    ]
     assert writes, "training must write its checkpoints"
     for statement in _statements(_policy("train-policy.json")):
         assert "s3:*" not in _as_list(statement["Action"]) and "*" not in _as_list(statement["Resource"])

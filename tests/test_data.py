@@ -56,21 +56,41 @@ def llava_fixture(images_uri):
         storage.write_bytes(storage.join(images_uri, rel), data)
     samples = [
         {"id": "good-1", "image": "coco/train2017/a.jpg", "conversations": turn("<image>\nWhat color?", "Red.")},
-        {"id": "good-2", "image": "coco/train2017/b.png", "conversations": turn("What color?\n<image>", "Blue.") + turn("Sure?", "Yes.")},
+        {
+            "id": "good-2",
+            "image": "coco/train2017/b.png",
+            "conversations": turn("What color?\n<image>", "Blue.") + turn("Sure?", "Yes."),
+        },
         {"id": "good-text", "conversations": turn("Tell me a joke.", "No.")},
-        {"id": "good-multi", "image": ["gqa/c.png", "coco/train2017/a.jpg"], "conversations": turn("<image> vs <image>?", "Green, red.")},
+        {
+            "id": "good-multi",
+            "image": ["gqa/c.png", "coco/train2017/a.jpg"],
+            "conversations": turn("<image> vs <image>?", "Green, red."),
+        },
         {"id": "missing", "image": "coco/train2017/none.jpg", "conversations": turn("<image>\nHi", "Hello.")},
         {"id": "corrupt", "image": "bad/corrupt.jpg", "conversations": turn("<image>\nHi", "Hello.")},
         {"id": "truncated", "image": "bad/truncated.png", "conversations": turn("<image>\nHi", "Hello.")},
         {"id": "bomb", "image": "bad/huge.png", "conversations": turn("<image>\nHi", "Hello.")},
         {"id": "no-turns", "image": "gqa/c.png", "conversations": []},
-        {"id": "roles", "image": "gqa/c.png", "conversations": [{"from": "gpt", "value": "<image>"}, {"from": "human", "value": "x"}]},
+        {
+            "id": "roles",
+            "image": "gqa/c.png",
+            "conversations": [{"from": "gpt", "value": "<image>"}, {"from": "human", "value": "x"}],
+        },
         {"id": "count", "image": "gqa/c.png", "conversations": turn("<image> and <image>?", "Two.")},
         "not a dict",
     ]
     good = {"good-1", "good-2", "good-text", "good-multi"}
-    skipped = {"missing_image": 1, "image_undecodable": 1, "image_truncated": 1, "image_too_many_pixels": 1,
-               "empty_conversation": 1, "bad_roles": 1, "image_count_mismatch": 1, "bad_conversation": 1}
+    skipped = {
+        "missing_image": 1,
+        "image_undecodable": 1,
+        "image_truncated": 1,
+        "image_too_many_pixels": 1,
+        "empty_conversation": 1,
+        "bad_roles": 1,
+        "image_count_mismatch": 1,
+        "bad_conversation": 1,
+    }
     return samples, files, good, skipped
 
 
@@ -80,7 +100,9 @@ def test_llava_json_from_and_to_s3_skips_and_counts_bad_rows(ray_local, s3_serve
     samples, files, good, skipped = llava_fixture(images_uri)
     storage.write_text(f"{bucket}/llava_instruct.json", json.dumps(samples))
 
-    manifest = prepare_llava_json(f"{bucket}/llava_instruct.json", images_uri, out_uri, config=IngestConfig(max_pixels=30_000))
+    manifest = prepare_llava_json(
+        f"{bucket}/llava_instruct.json", images_uri, out_uri, config=IngestConfig(max_pixels=30_000)
+    )
 
     assert manifest.rows == len(good)
     assert manifest.skipped == skipped
@@ -169,10 +191,14 @@ def test_digits_sizes_split_and_masks(tokenizer):
         for row in splits[name]:
             conversation = json.loads(row["conversations"])
             sample = tokenize_conversation(conversation, tokenizer, template, 4, 512, num_images=1)
-            trained = tokenizer.decode([t for t, l in zip(sample.input_ids, sample.labels) if l != IGNORE_INDEX])
+            trained = tokenizer.decode(
+                [t for t, label in zip(sample.input_ids, sample.labels) if label != IGNORE_INDEX]
+            )
             answers = [t["value"] for t in conversation if t["from"] == "gpt"]
             sep = "\n" if template == "plain" else "</s>"
-            expected = "".join(a + sep for a in answers) if template == "plain" else "".join(f" {a}{sep}" for a in answers)
+            expected = (
+                "".join(a + sep for a in answers) if template == "plain" else "".join(f" {a}{sep}" for a in answers)
+            )
             assert trained == expected
 
 
@@ -217,7 +243,9 @@ def test_model_ready_rows_match_the_core_library(digits_dir, base_models, tokeni
         row, source = ready[sample_id], stored[sample_id]
         expected = tokenize_conversation(json.loads(source["conversations"]), tokenizer, "vicuna_v1", 16, 512, 1)
         assert list(row["input_ids"]) == expected.input_ids and list(row["labels"]) == expected.labels
-        np.testing.assert_array_equal(row_pixel_values(row, 32)[0], load_pixel_values(source["images"][0], config.image))
+        np.testing.assert_array_equal(
+            row_pixel_values(row, 32)[0], load_pixel_values(source["images"][0], config.image)
+        )
     # collate normalises the shipped uint8 pixels exactly like load_pixel_values does
     batch = collate([ready[i] for i in sample_ids[:8]], 0, 32)
     expected = np.stack([load_pixel_values(stored[i]["images"][0], config.image) for i in sample_ids[:8]])
@@ -238,9 +266,16 @@ def test_collate_pads_and_normalises_with_each_rows_image_config():
 
     def row(i, length, images, config):
         pixels = np.stack([load_pixels_uint8(d, config) for d in images]).tobytes() if images else b""
-        return {"id": f"r{i}", "input_ids": list(range(1, length + 1)), "labels": [-100] + list(range(2, length + 1)),
-                "pixels_uint8": pixels, "pixel_mean": list(config.mean), "pixel_std": list(config.std),
-                "num_images": len(images), "length": length}
+        return {
+            "id": f"r{i}",
+            "input_ids": list(range(1, length + 1)),
+            "labels": [-100] + list(range(2, length + 1)),
+            "pixels_uint8": pixels,
+            "pixel_mean": list(config.mean),
+            "pixel_std": list(config.std),
+            "num_images": len(images),
+            "length": length,
+        }
 
     rows = [row(0, 3, data, configs[0]), row(1, 5, [], configs[0]), row(2, 2, data[1:], configs[1])]
     batch = collate(rows, pad_token_id=7, image_size=16)
@@ -248,8 +283,13 @@ def test_collate_pads_and_normalises_with_each_rows_image_config():
     assert batch.input_ids.tolist() == [[1, 2, 3, 7, 7], [1, 2, 3, 4, 5], [1, 2, 7, 7, 7]]
     assert batch.labels.tolist() == [[-100, 2, 3, -100, -100], [-100, 2, 3, 4, 5], [-100, 2, -100, -100, -100]]
     assert batch.attention_mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
-    expected = np.stack([load_pixel_values(data[0], configs[0]), load_pixel_values(data[1], configs[0]),
-                         load_pixel_values(data[1], configs[1])])
+    expected = np.stack(
+        [
+            load_pixel_values(data[0], configs[0]),
+            load_pixel_values(data[1], configs[0]),
+            load_pixel_values(data[1], configs[1]),
+        ]
+    )
     np.testing.assert_allclose(batch.pixel_values.numpy(), expected, rtol=0, atol=1e-6)
     assert collate(rows[1:2], 0, 16).pixel_values is None
     with pytest.raises(ValueError, match="image_size"):
@@ -264,8 +304,16 @@ def test_first_batch_needs_only_the_first_small_window():
     def rows():
         for i in range(100):
             consumed.append(i)
-            yield {"id": str(i), "input_ids": [1] * (1 + i % 7), "labels": [1] * (1 + i % 7), "pixels_uint8": b"",
-                   "pixel_mean": [0.5] * 3, "pixel_std": [0.5] * 3, "num_images": 0, "length": 1 + i % 7}
+            yield {
+                "id": str(i),
+                "input_ids": [1] * (1 + i % 7),
+                "labels": [1] * (1 + i % 7),
+                "pixels_uint8": b"",
+                "pixel_mean": [0.5] * 3,
+                "pixel_std": [0.5] * 3,
+                "num_images": 0,
+                "length": 1 + i % 7,
+            }
 
     batcher = LengthGroupedBatcher(batch_size=4, pad_token_id=0, image_size=8, window_batches=8, seed=3)
     first = next(batcher.batches(rows()))
@@ -283,7 +331,9 @@ def test_reader_drops_and_counts_rows_it_cannot_use(digits_dir, base_models):
 
     counter = SkipCounter.remote(2)
     # 20 tokens cannot hold the system prompt, so no answer survives truncation in any row.
-    rows = model_ready_dataset([str(digits_dir / "eval")], digits_model_config(base_models, max_length=20), 16, counter).take_all()
+    rows = model_ready_dataset(
+        [str(digits_dir / "eval")], digits_model_config(base_models, max_length=20), 16, counter
+    ).take_all()
     skipped, examples = ray.get(counter.report.remote())
     assert rows == [] and skipped == {"too_long": 300}
     assert len(examples["too_long"]) == 2
@@ -312,10 +362,23 @@ def test_prepare_command_line(ray_local, tmp_path, capsys):
     images = tmp_path / "images"
     images.mkdir()
     (images / "x.png").write_bytes(png("red"))
-    samples = [{"id": "1", "image": "x.png", "conversations": turn("<image>\nColor?", "Red.")},
-               {"id": "2", "image": "x.png", "conversations": turn("Color?", "Red.")}]
+    samples = [
+        {"id": "1", "image": "x.png", "conversations": turn("<image>\nColor?", "Red.")},
+        {"id": "2", "image": "x.png", "conversations": turn("Color?", "Red.")},
+    ]
     (tmp_path / "d.json").write_text(json.dumps(samples))
-    code = main(["prepare", "llava-json", "--json", str(tmp_path / "d.json"), "--images", str(images), "--out", str(tmp_path / "out")])
+    code = main(
+        [
+            "prepare",
+            "llava-json",
+            "--json",
+            str(tmp_path / "d.json"),
+            "--images",
+            str(images),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert code == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["out"]["rows"] == 1 and printed["out"]["skipped"] == {"image_count_mismatch": 1}
@@ -338,9 +401,23 @@ def test_prepare_captions_to_s3_with_an_explicit_endpoint(s3_server, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "AWS_ENDPOINT_URL"}
     exe = Path(sys.executable).parent / "llava-ray"
     result = subprocess.run(
-        [str(exe), "prepare", "captions", "--pairs", str(tmp_path / "pairs.csv"), "--images", str(images),
-         "--out", f"{bucket}/stage1", "--s3-endpoint", s3_server.endpoint],
-        env=env, capture_output=True, text=True, timeout=300,
+        [
+            str(exe),
+            "prepare",
+            "captions",
+            "--pairs",
+            str(tmp_path / "pairs.csv"),
+            "--images",
+            str(images),
+            "--out",
+            f"{bucket}/stage1",
+            "--s3-endpoint",
+            s3_server.endpoint,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout)["out"]["rows"] == 3
@@ -369,7 +446,9 @@ def test_prepare_twice_refuses_then_replaces_with_the_same_rows(ray_local, tmp_p
     images.mkdir()
     for i in range(12):
         (images / f"{i}.png").write_bytes(png((i * 20, 0, 0)))
-    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps({"image": f"{i}.png", "caption": f"c{i}"}) for i in range(12)))
+    (tmp_path / "pairs.jsonl").write_text(
+        "\n".join(json.dumps({"image": f"{i}.png", "caption": f"c{i}"}) for i in range(12))
+    )
     out = str(tmp_path / "out")
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.parquet.txt").write_text("the user's own file")
@@ -395,8 +474,13 @@ def test_a_dataset_in_the_old_layout_is_replaced_not_mixed(ray_local, tmp_path):
 
     out = tmp_path / "old"
     out.mkdir()
-    row = {"id": "old-1", "images": None, "image_paths": None, "conversations": json.dumps(turn("Hi", "Hello.")),
-           "source": "old"}
+    row = {
+        "id": "old-1",
+        "images": None,
+        "image_paths": None,
+        "conversations": json.dumps(turn("Hi", "Hello.")),
+        "source": "old",
+    }
     pq.write_table(pa.Table.from_pylist([row], schema=SCHEMA), out / "part-0.parquet")
     Manifest(rows=1, skipped={}, sources=["x"], shards=["part-0.parquet"]).write(str(out))
     assert _ids(str(out)) == ["old-1"]
@@ -419,8 +503,10 @@ def _blocking_captions(tmp_path):
     pairs = tmp_path / "pairs"
     pairs.mkdir()
     for f in range(4):
-        rows = [{"id": f"{f}-{i}", "image": "slow.png" if (f, i) == (3, 9) else "noise.png", "caption": f"noise {f} {i}"}
-                for i in range(10)]
+        rows = [
+            {"id": f"{f}-{i}", "image": "slow.png" if (f, i) == (3, 9) else "noise.png", "caption": f"noise {f} {i}"}
+            for i in range(10)
+        ]
         pq.write_table(pa.Table.from_pylist(rows), pairs / f"part-{f}.parquet")
     return images, pairs
 
@@ -437,8 +523,19 @@ def test_a_prepare_killed_mid_write_and_rerun_has_every_row_once(where, s3_serve
     out = str(tmp_path / "out") if where == "local" else s3_server.make_bucket() + "/data/captions"
     exe = Path(sys.executable).parent / "llava-ray"
     log = open(tmp_path / "prepare.log", "w+")
-    command = [str(exe), "prepare", "captions", "--pairs", str(pairs), "--images", str(images), "--out", out,
-               "--shard-mb", "1"]
+    command = [
+        str(exe),
+        "prepare",
+        "captions",
+        "--pairs",
+        str(pairs),
+        "--images",
+        str(images),
+        "--out",
+        out,
+        "--shard-mb",
+        "1",
+    ]
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def written_shards():
@@ -490,10 +587,22 @@ def test_image_paths_must_stay_inside_the_images_root(tmp_path):
     s3 = ImageAccess("s3://bkt/images/")
     assert s3.resolve("coco/a.jpg") == "s3://bkt/images/coco/a.jpg"
     assert s3.resolve("s3://bkt/images/x/../y.png") == "s3://bkt/images/y.png"
-    outside = [(local, "/etc/passwd"), (local, "/dev/zero"), (local, "../secret.png"), (local, "a/../../b.png"),
-               (local, "s3://other/x.png"), (local, "~/x.png"), (local, f"{root}2/x.png"), (local, "."),
-               (s3, "../x.png"), (s3, "s3://other-bucket/images/x.png"), (s3, "s3://bkt/images2/x.png"),
-               (s3, "/etc/passwd"), (s3, "s3://bkt/images/../private/k.png"), (ImageAccess(None), "a.png")]
+    outside = [
+        (local, "/etc/passwd"),
+        (local, "/dev/zero"),
+        (local, "../secret.png"),
+        (local, "a/../../b.png"),
+        (local, "s3://other/x.png"),
+        (local, "~/x.png"),
+        (local, f"{root}2/x.png"),
+        (local, "."),
+        (s3, "../x.png"),
+        (s3, "s3://other-bucket/images/x.png"),
+        (s3, "s3://bkt/images2/x.png"),
+        (s3, "/etc/passwd"),
+        (s3, "s3://bkt/images/../private/k.png"),
+        (ImageAccess(None), "a.png"),
+    ]
     for access, ref in outside:
         with pytest.raises(ImageRefRejected, match="^image_outside_root: ") as error:
             access.resolve(ref)
@@ -540,14 +649,27 @@ def test_a_mixed_file_skips_only_the_rows_with_escaping_or_oversized_images(ray_
     outcome = {}
     for sample in samples:
         refs = sample.get("image")
-        raw = {"id": sample["id"], "image_refs": [refs] if isinstance(refs, str) else refs, "images": None,
-               "conversations": json.dumps(sample["conversations"]), "source": "d"}
+        raw = {
+            "id": sample["id"],
+            "image_refs": [refs] if isinstance(refs, str) else refs,
+            "images": None,
+            "conversations": json.dumps(sample["conversations"]),
+            "source": "d",
+        }
         try:
             outcome[sample["id"]] = bool(validate_row(raw, opened, 64_000_000))
         except (SampleRejected, ImageError) as error:
             outcome[sample["id"]] = skip_reason(error)
-    assert outcome == {"ok": True, "ok-text": True, "abs": True, "dotdot": True, "zero": "image_too_large",
-                       "bucket": True, "multi": True, "big": "image_too_large"}
+    assert outcome == {
+        "ok": True,
+        "ok-text": True,
+        "abs": True,
+        "dotdot": True,
+        "zero": "image_too_large",
+        "bucket": True,
+        "multi": True,
+        "big": "image_too_large",
+    }
 
 
 def test_question_files_confine_image_paths_too(tmp_path):
@@ -557,8 +679,11 @@ def test_question_files_confine_image_paths_too(tmp_path):
     (tmp_path / "q").mkdir()
     (tmp_path / "q" / "a.png").write_bytes(png("red"))
     (tmp_path / "secret.png").write_bytes(png("green"))
-    lines = [{"id": "ok", "text": "Color?", "image": "a.png"}, {"id": "up", "text": "Color?", "image": "../secret.png"},
-             {"id": "zero", "text": "Color?", "image": "/dev/zero"}]
+    lines = [
+        {"id": "ok", "text": "Color?", "image": "a.png"},
+        {"id": "up", "text": "Color?", "image": "../secret.png"},
+        {"id": "zero", "text": "Color?", "image": "/dev/zero"},
+    ]
     (tmp_path / "q" / "questions.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
 
     def outcomes(**kwargs):

@@ -34,8 +34,13 @@ def test_two_workers_stream_disjoint_shards_covering_all_rows(ray_local, base_mo
     from llava.data.reader import model_ready_dataset
 
     manifests = prepare_digits(str(tmp_path / "digits"))
-    config = ModelConfig(vision_tower=base_models["vision_tower"], llm=base_models["llm"], template="vicuna_v1",
-                         image=ImageConfig(size=32), max_length=512)
+    config = ModelConfig(
+        vision_tower=base_models["vision_tower"],
+        llm=base_models["llm"],
+        template="vicuna_v1",
+        image=ImageConfig(size=32),
+        max_length=512,
+    )
     dataset = model_ready_dataset([str(tmp_path / "digits" / "eval")], config, 16)
     trainer = TorchTrainer(
         _loop,

@@ -54,7 +54,11 @@ def test_stock_transformers_gives_the_same_logits(exported):
     text = processor.apply_chat_template(messages)
     inputs = processor(text=text, images=[picture(0), picture(1, (30, 90))], return_tensors="pt")
     ours_ids, n_images = tokenize_prompt(
-        [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A seven."}, {"from": "human", "value": "And this one? <image>"}],
+        [
+            {"from": "human", "value": "<image>\nWhat is this?"},
+            {"from": "gpt", "value": "A seven."},
+            {"from": "human", "value": "And this one? <image>"},
+        ],
         model.tokenizer,
         model.config.template,
         model.num_image_tokens,
@@ -70,7 +74,7 @@ def test_generate_on_the_exported_model_matches_ours(exported):
     model, processor, hf_model = exported
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nDescribe it."}]}]
     inputs = processor(text=processor.apply_chat_template(messages), images=[picture(2)], return_tensors="pt")
-    theirs = hf_model.generate(**inputs, max_new_tokens=6, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    theirs = hf_model.generate(**inputs, max_new_tokens=6, do_sample=False)[0, inputs["input_ids"].shape[1] :]
     ours = model.generate(inputs["input_ids"], inputs["pixel_values"], max_new_tokens=6, do_sample=False)[0]
     assert theirs.tolist() == ours.tolist()
     assert len(ours) == 6

@@ -32,8 +32,11 @@ def picture(seed, width=50, height=40):
 
 @pytest.fixture(scope="module")
 def tokenizer_dirs(base_models, sp_tokenizer_dirs):
-    return {"sp_legacy": sp_tokenizer_dirs["legacy"], "sp_non_legacy": sp_tokenizer_dirs["non_legacy"],
-            "byte_level": base_models["llm"]}
+    return {
+        "sp_legacy": sp_tokenizer_dirs["legacy"],
+        "sp_non_legacy": sp_tokenizer_dirs["non_legacy"],
+        "byte_level": base_models["llm"],
+    }
 
 
 def exported_processor(tmp_path_factory, tokenizer, config: ModelConfig):
@@ -79,11 +82,16 @@ CASES = {
         [{"from": "human", "value": "What is in the photo?\n<image>"}],
     ),
     "multi_turn": (
-        [{"role": "user", "content": [image(0), text("What is in the photo?")]},
-         {"role": "assistant", "content": "A cat on a sofa."},
-         {"role": "user", "content": "What colour is the sofa?"}],
-        [{"from": "human", "value": "<image>\nWhat is in the photo?"}, {"from": "gpt", "value": "A cat on a sofa."},
-         {"from": "human", "value": "What colour is the sofa?"}],
+        [
+            {"role": "user", "content": [image(0), text("What is in the photo?")]},
+            {"role": "assistant", "content": "A cat on a sofa."},
+            {"role": "user", "content": "What colour is the sofa?"},
+        ],
+        [
+            {"from": "human", "value": "<image>\nWhat is in the photo?"},
+            {"from": "gpt", "value": "A cat on a sofa."},
+            {"from": "human", "value": "What colour is the sofa?"},
+        ],
     ),
     "text_only": (
         [{"role": "user", "content": "What comes after two?"}],
@@ -94,10 +102,16 @@ CASES = {
         [{"from": "human", "value": "Compare\n<image>\nwith\n<image>"}],
     ),
     "image_in_later_turn": (
-        [{"role": "user", "content": "Hi there."}, {"role": "assistant", "content": [text("Hello.")]},
-         {"role": "user", "content": [text("And this?"), image(2)]}],
-        [{"from": "human", "value": "Hi there."}, {"from": "gpt", "value": "Hello."},
-         {"from": "human", "value": "And this?\n<image>"}],
+        [
+            {"role": "user", "content": "Hi there."},
+            {"role": "assistant", "content": [text("Hello.")]},
+            {"role": "user", "content": [text("And this?"), image(2)]},
+        ],
+        [
+            {"from": "human", "value": "Hi there."},
+            {"from": "gpt", "value": "Hello."},
+            {"from": "human", "value": "And this?\n<image>"},
+        ],
     ),
     "own_system": (
         [{"role": "system", "content": [text("Be brief.")]}, {"role": "user", "content": [image(0), text("What?")]}],
@@ -120,8 +134,13 @@ PAIRS = [(t, c) for t in sorted(TEMPLATES) for c in sorted(PLAIN_CASES if t == "
 
 
 def images_of(messages):
-    return [part["image"] for m in messages if not isinstance(m["content"], str) for part in m["content"]
-            if part["type"] == "image"]
+    return [
+        part["image"]
+        for m in messages
+        if not isinstance(m["content"], str)
+        for part in m["content"]
+        if part["type"] == "image"
+    ]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -141,8 +160,10 @@ def test_chat_template_gives_our_prompt_ids(processors, kind, template, case):
     assert list(two_step["input_ids"][0]) == ours
     # The tokenizer alone (what vLLM applies on its chat endpoint): one <image> per image, not yet expanded.
     unexpanded, _ = tokenize_prompt(conversation, tokenizer, template, 1)
-    assert processor.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                   return_dict=False) == unexpanded
+    assert (
+        processor.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        == unexpanded
+    )
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -153,8 +174,10 @@ def test_exported_tokenizer_tokenises_like_the_training_one(processors, tokenize
     tokenizer, _, directory = processors(kind, "vicuna_v1")
     reloaded = AutoTokenizer.from_pretrained(directory)
     sample = "USER: <image>\nWhat is it? ASSISTANT: A cat.</s>USER: And this? ASSISTANT:"
-    assert reloaded(sample, add_special_tokens=False)["input_ids"] == tokenizer(sample, add_special_tokens=False)[
-        "input_ids"]
+    assert (
+        reloaded(sample, add_special_tokens=False)["input_ids"]
+        == tokenizer(sample, add_special_tokens=False)["input_ids"]
+    )
     assert reloaded("Hi")["input_ids"] == tokenizer("Hi", add_special_tokens=False)["input_ids"]
 
 
@@ -196,9 +219,14 @@ def test_export_end_to_end_with_a_sentencepiece_tokenizer_and_padded_images(base
     from llava.model import LlavaModel
 
     torch.manual_seed(0)
-    config = ModelConfig(vision_tower=base_models["vision_tower"], llm=base_models["llm"],
-                         tokenizer=sp_tokenizer_dirs["non_legacy"], template="llava_llama_2",
-                         image=ImageConfig(size=SIZE, aspect="pad"), max_length=512)
+    config = ModelConfig(
+        vision_tower=base_models["vision_tower"],
+        llm=base_models["llm"],
+        tokenizer=sp_tokenizer_dirs["non_legacy"],
+        template="llava_llama_2",
+        image=ImageConfig(size=SIZE, aspect="pad"),
+        max_length=512,
+    )
     model = LlavaModel.from_config(config)
     result = export_hf(model, tmp_path / "hf")
     assert result.format == "hf-llava"
@@ -208,13 +236,19 @@ def test_export_end_to_end_with_a_sentencepiece_tokenizer_and_padded_images(base
     processor = AutoProcessor.from_pretrained(result.path)
     hf_model = LlavaForConditionalGeneration.from_pretrained(result.path)
     wide = picture(5, 70, 30)
-    messages = [{"role": "system", "content": "Be brief."},
-                {"role": "user", "content": [text("What is in the photo?"), {"type": "image", "image": wide}]}]
-    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                           return_tensors="pt")
-    ours_ids, _ = tokenize_prompt([{"from": "system", "value": "Be brief."},
-                                   {"from": "human", "value": "What is in the photo?\n<image>"}],
-                                  model.tokenizer, config.template, model.num_image_tokens)
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [text("What is in the photo?"), {"type": "image", "image": wide}]},
+    ]
+    inputs = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    ours_ids, _ = tokenize_prompt(
+        [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "What is in the photo?\n<image>"}],
+        model.tokenizer,
+        config.template,
+        model.num_image_tokens,
+    )
     ours_pixels = torch.from_numpy(preprocess_image(wide, config.image))[None]
     assert inputs["input_ids"][0].tolist() == ours_ids
     torch.testing.assert_close(inputs["pixel_values"], ours_pixels, atol=1e-6, rtol=0)

@@ -42,7 +42,9 @@ def hf_generate_answers(checkpoint, prompts, max_new_tokens):
     return [hf_greedy_answer(model, p, max_new_tokens) for p in prompts]
 
 
-def test_actor_pool_answers_equal_hf_generate_one_by_one_and_bad_rows_become_error_rows(ray_local, checkpoint, tmp_path):
+def test_actor_pool_answers_equal_hf_generate_one_by_one_and_bad_rows_become_error_rows(
+    ray_local, checkpoint, tmp_path
+):
     from llava.generation import Prompt
     from llava.inference.batch import InferConfig, read_predictions, run_batch_inference
 
@@ -64,9 +66,17 @@ def test_actor_pool_answers_equal_hf_generate_one_by_one_and_bad_rows_become_err
     questions_file = tmp_path / "questions.jsonl"
     questions_file.write_text("".join(json.dumps(q) + "\n" for q in questions))
 
-    result = run_batch_inference(InferConfig(model=checkpoint, questions=str(questions_file), out=str(tmp_path / "out"),
-                                             images=str(images),
-                                             max_new_tokens=6, batch_size=2, actors=2))
+    result = run_batch_inference(
+        InferConfig(
+            model=checkpoint,
+            questions=str(questions_file),
+            out=str(tmp_path / "out"),
+            images=str(images),
+            max_new_tokens=6,
+            batch_size=2,
+            actors=2,
+        )
+    )
     assert result.total == 8 and result.answered == 5
     assert result.errors == {"image_missing": 1, "image_truncated": 1, "prompt_too_long": 1}
     rows = read_predictions(str(tmp_path / "out"))
@@ -77,10 +87,20 @@ def test_actor_pool_answers_equal_hf_generate_one_by_one_and_bad_rows_become_err
     assert json.loads(by_id["q0"]["meta"]) == {"category": "conv"}
 
     good = ["q0", "q1", "q3", "q5", "q6"]
-    prompts = [Prompt([{"from": "human", "value": by_id[q]["prompt"]}],
-                      [(images / name).read_bytes() for name in ([questions[int(q[1])]["image"]]
-                       if "image" in questions[int(q[1])] else questions[int(q[1])].get("images", []))])
-               for q in good]
+    prompts = [
+        Prompt(
+            [{"from": "human", "value": by_id[q]["prompt"]}],
+            [
+                (images / name).read_bytes()
+                for name in (
+                    [questions[int(q[1])]["image"]]
+                    if "image" in questions[int(q[1])]
+                    else questions[int(q[1])].get("images", [])
+                )
+            ],
+        )
+        for q in good
+    ]
     assert by_id["q0"]["prompt"].startswith("<image>\n") and by_id["q3"]["prompt"].count("<image>") == 2
     assert [by_id[q]["answer"] for q in good] == hf_generate_answers(checkpoint, prompts, 6)
     assert all(isinstance(by_id[q]["answer"], str) for q in good)
@@ -88,18 +108,40 @@ def test_actor_pool_answers_equal_hf_generate_one_by_one_and_bad_rows_become_err
 
 def test_infer_cli_reads_parquet_questions_from_s3(ray_local, checkpoint, s3_server, tmp_path):
     bucket = s3_server.make_bucket("inference")
-    rows = [{"id": f"r{i}", "images": [png(i)], "source": "test",
-             "conversations": json.dumps([{"from": "human", "value": "<image>\nWhich digit?"},
-                                          {"from": "gpt", "value": str(i)}])} for i in range(5)]
+    rows = [
+        {
+            "id": f"r{i}",
+            "images": [png(i)],
+            "source": "test",
+            "conversations": json.dumps(
+                [{"from": "human", "value": "<image>\nWhich digit?"}, {"from": "gpt", "value": str(i)}]
+            ),
+        }
+        for i in range(5)
+    ]
     buffer = pa.BufferOutputStream()
     pq.write_table(pa.Table.from_pylist(rows), buffer)
     storage.write_bytes(f"{bucket}/questions/part-0.parquet", buffer.getvalue().to_pybytes())
 
     env = {**os.environ, "AWS_ENDPOINT_URL": s3_server.endpoint}
     out = subprocess.run(
-        [os.path.join(os.path.dirname(sys.executable), "llava-ray"), "infer", "--model", checkpoint, "--questions", f"{bucket}/questions",
-         "--out", f"{bucket}/answers", "max_new_tokens=3", "actors=1"],
-        capture_output=True, text=True, env=env, timeout=300)
+        [
+            os.path.join(os.path.dirname(sys.executable), "llava-ray"),
+            "infer",
+            "--model",
+            checkpoint,
+            "--questions",
+            f"{bucket}/questions",
+            "--out",
+            f"{bucket}/answers",
+            "max_new_tokens=3",
+            "actors=1",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout)
     assert summary["total"] == 5 and summary["answered"] == 5 and summary["errors"] == {}

@@ -11,22 +11,36 @@ from llava.instruct.prompts import TYPES, detail_questions, teacher_messages
 
 
 def test_coco_annotations_become_the_papers_symbolic_context(tmp_path):
-    images = [{"id": 7, "file_name": "000007.jpg", "width": 640, "height": 480},
-              {"id": 3, "file_name": "000003.jpg", "width": 100, "height": 200},
-              {"id": 9, "file_name": "no_captions.jpg", "width": 10, "height": 10}]
-    captions = {"images": images, "annotations": [
-        {"image_id": 7, "caption": "A dog on a sofa. "}, {"image_id": 7, "caption": "A brown dog resting."},
-        {"image_id": 3, "caption": "An empty room."}]}
-    instances = {"images": images, "categories": [{"id": 1, "name": "dog"}, {"id": 2, "name": "couch"}],
-                 "annotations": [{"image_id": 7, "category_id": 1, "bbox": [64, 48, 320, 240]},
-                                 {"image_id": 7, "category_id": 2, "bbox": [0, 200, 700, 300]}]}
+    images = [
+        {"id": 7, "file_name": "000007.jpg", "width": 640, "height": 480},
+        {"id": 3, "file_name": "000003.jpg", "width": 100, "height": 200},
+        {"id": 9, "file_name": "no_captions.jpg", "width": 10, "height": 10},
+    ]
+    captions = {
+        "images": images,
+        "annotations": [
+            {"image_id": 7, "caption": "A dog on a sofa. "},
+            {"image_id": 7, "caption": "A brown dog resting."},
+            {"image_id": 3, "caption": "An empty room."},
+        ],
+    }
+    instances = {
+        "images": images,
+        "categories": [{"id": 1, "name": "dog"}, {"id": 2, "name": "couch"}],
+        "annotations": [
+            {"image_id": 7, "category_id": 1, "bbox": [64, 48, 320, 240]},
+            {"image_id": 7, "category_id": 2, "bbox": [0, 200, 700, 300]},
+        ],
+    }
     (tmp_path / "captions.json").write_text(json.dumps(captions))
     (tmp_path / "instances.json").write_text(json.dumps(instances))
     contexts = load_contexts(str(tmp_path / "captions.json"), str(tmp_path / "instances.json"))
     assert [c.image_id for c in contexts] == [3, 7]  # images without captions are left out
     assert contexts[0].text() == "An empty room."
-    assert contexts[1].text() == ("A dog on a sofa.\nA brown dog resting.\n\n"
-                                  "dog: [0.100, 0.100, 0.600, 0.600]\ncouch: [0.000, 0.417, 1.000, 1.000]")
+    assert contexts[1].text() == (
+        "A dog on a sofa.\nA brown dog resting.\n\n"
+        "dog: [0.100, 0.100, 0.600, 0.600]\ncouch: [0.000, 0.417, 1.000, 1.000]"
+    )
     assert normalise_box([10, 20, 30, 40], 100, 100) == [0.1, 0.2, 0.4, 0.6]
     (tmp_path / "bad.json").write_text(json.dumps([1, 2]))
     with pytest.raises(ValueError, match="bad.json: not a COCO annotation file"):
@@ -57,16 +71,23 @@ def test_well_formed_responses_become_llava_conversations():
     assert complex_turns[1]["value"] == "Because."
 
 
-@pytest.mark.parametrize("kind, response, reason", [
-    ("conversation", "", "empty"),
-    ("conversation", "Sure! Here are some questions.", "bad_format"),
-    ("conversation", "Question:\nWhat?\n===\nAnswer:\nThis.\n===\nQuestion:\nAnd?\n===", "bad_format"),  # no last answer
-    ("conversation", "Answer:\nThis.\n===\nQuestion:\nWhat?", "bad_format"),
-    ("conversation", "Question:\n\n===\nAnswer:\nThis.", "bad_format"),
-    ("complex", "Question:\nA?\n===\nAnswer:\nX.\n===\nQuestion:\nB?\n===\nAnswer:\nY.", "bad_format"),
-    ("detail", "Question:\nWhat?\n===\nAnswer:\nThis.", "bad_format"),
-    ("detail", "   ", "empty"),
-])
+@pytest.mark.parametrize(
+    "kind, response, reason",
+    [
+        ("conversation", "", "empty"),
+        ("conversation", "Sure! Here are some questions.", "bad_format"),
+        (
+            "conversation",
+            "Question:\nWhat?\n===\nAnswer:\nThis.\n===\nQuestion:\nAnd?\n===",
+            "bad_format",
+        ),  # no last answer
+        ("conversation", "Answer:\nThis.\n===\nQuestion:\nWhat?", "bad_format"),
+        ("conversation", "Question:\n\n===\nAnswer:\nThis.", "bad_format"),
+        ("complex", "Question:\nA?\n===\nAnswer:\nX.\n===\nQuestion:\nB?\n===\nAnswer:\nY.", "bad_format"),
+        ("detail", "Question:\nWhat?\n===\nAnswer:\nThis.", "bad_format"),
+        ("detail", "   ", "empty"),
+    ],
+)
 def test_malformed_responses_are_rejected_whole(kind, response, reason):
     with pytest.raises(Unparsable) as error:
         to_conversation(kind, response, random.Random(0), detail_questions())
@@ -79,9 +100,14 @@ def test_generate_job_against_a_scripted_teacher_retries_drops_and_resumes(ray_l
     from tests.openai_stub import ScriptedOpenAI
 
     images = [{"id": i, "file_name": f"{i}.png", "width": 40, "height": 40} for i in (1, 2, 3)]
-    captions = {"images": images, "annotations": [{"image_id": 1, "caption": "A cat on a mat."},
-                                                  {"image_id": 2, "caption": "A dog in a park."},
-                                                  {"image_id": 3, "caption": "Two birds."}]}
+    captions = {
+        "images": images,
+        "annotations": [
+            {"image_id": 1, "caption": "A cat on a mat."},
+            {"image_id": 2, "caption": "A dog in a park."},
+            {"image_id": 3, "caption": "Two birds."},
+        ],
+    }
     (tmp_path / "captions.json").write_text(json.dumps(captions))
     (tmp_path / "images").mkdir()
     for i in (1, 2, 3):
@@ -90,7 +116,13 @@ def test_generate_job_against_a_scripted_teacher_retries_drops_and_resumes(ray_l
 
     def teacher(body, attempt):
         system, context = body["messages"][0]["content"], body["messages"][-1]["content"]
-        kind = "conversation" if "Design a conversation" in system else "detail" if "detailed paragraph" in system else "complex"
+        kind = (
+            "conversation"
+            if "Design a conversation" in system
+            else "detail"
+            if "detailed paragraph" in system
+            else "complex"
+        )
         image = {"A cat on a mat.": 1, "A dog in a park.": 2, "Two birds.": 3}[context]
         if (image, kind) == (1, "complex") and attempt == 0:
             return 429
@@ -105,8 +137,12 @@ def test_generate_job_against_a_scripted_teacher_retries_drops_and_resumes(ray_l
         return "A calm scene with an animal." if kind == "detail" else good_qa
 
     with ScriptedOpenAI(teacher) as server:
-        config = GenerateConfig(captions=str(tmp_path / "captions.json"), images=str(tmp_path / "images"),
-                                out=str(tmp_path / "out"), actors=2)
+        config = GenerateConfig(
+            captions=str(tmp_path / "captions.json"),
+            images=str(tmp_path / "images"),
+            out=str(tmp_path / "out"),
+            actors=2,
+        )
         config.endpoint.url, config.endpoint.model, config.endpoint.concurrency = server.url, "teacher-1", 2
         summary = generate(config)
         assert len(server.requests) == 11  # 9 requests + the retries after the 429 and the 500
@@ -115,8 +151,15 @@ def test_generate_job_against_a_scripted_teacher_retries_drops_and_resumes(ray_l
         assert summary["by_type"] == {"conversation": 2, "detail": 3, "complex": 2}
         assert summary["parquet_rows"] == 7
         records = json.loads((tmp_path / "out" / "llava.json").read_text())
-        assert {r["id"] for r in records} == {"1-conversation", "3-conversation", "1-detail", "2-detail", "3-detail",
-                                             "1-complex", "2-complex"}
+        assert {r["id"] for r in records} == {
+            "1-conversation",
+            "3-conversation",
+            "1-detail",
+            "2-detail",
+            "3-detail",
+            "1-complex",
+            "2-complex",
+        }
         assert all(r["teacher"] == "teacher-1" and "<image>" in r["conversations"][0]["value"] for r in records)
 
         built = (tmp_path / "out" / "parquet" / "_manifest.json").stat().st_mtime_ns
@@ -142,8 +185,10 @@ def test_llava158k_mixture_gives_one_type_per_image_in_the_papers_proportions(tm
     from llava.instruct.generate import GenerateConfig, request_plan
 
     captions, images = _coco(tmp_path, 0)
-    data = {"images": [{"id": i, "file_name": f"{i}.jpg", "width": 9, "height": 9} for i in range(3000)],
-            "annotations": [{"image_id": i, "caption": f"c{i}"} for i in range(3000)]}
+    data = {
+        "images": [{"id": i, "file_name": f"{i}.jpg", "width": 9, "height": 9} for i in range(3000)],
+        "annotations": [{"image_id": i, "caption": f"c{i}"} for i in range(3000)],
+    }
     (tmp_path / "captions.json").write_text(json.dumps(data))
     config = GenerateConfig(captions=captions, images=images, out=str(tmp_path / "out"), mixture="llava158k")
     plan = request_plan(config)
@@ -187,11 +232,28 @@ def test_generate_killed_halfway_resumes_without_asking_twice(ray_local, tmp_pat
     captions, images = _coco(tmp_path, 10)
     out = tmp_path / "out"
     with ScriptedOpenAI(lambda body, attempt: ("sleep", 0.3, "A quiet scene.")) as server:
-        command = [str(Path(sys.executable).parent / "llava-ray"), "generate", "--annotations", captions,
-                   "--images", images, "--out", str(out), "--endpoint", server.url, "--model", "teacher",
-                   "--types", "detail", "--concurrency", "1", "actors=1"]
-        first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                 start_new_session=True)  # its own process group: the job and its local Ray
+        command = [
+            str(Path(sys.executable).parent / "llava-ray"),
+            "generate",
+            "--annotations",
+            captions,
+            "--images",
+            images,
+            "--out",
+            str(out),
+            "--endpoint",
+            server.url,
+            "--model",
+            "teacher",
+            "--types",
+            "detail",
+            "--concurrency",
+            "1",
+            "actors=1",
+        ]
+        first = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )  # its own process group: the job and its local Ray
         deadline = time.monotonic() + 180
         while len(server.requests) < 4 and time.monotonic() < deadline and first.poll() is None:
             time.sleep(0.1)
@@ -209,7 +271,7 @@ def test_generate_killed_halfway_resumes_without_asking_twice(ray_local, tmp_pat
         config = GenerateConfig(captions=captions, images=images, out=str(out), types=["detail"], actors=1)
         config.endpoint.url, config.endpoint.model, config.endpoint.concurrency = server.url, "teacher", 1
         summary = generate(config)
-    asked_again = [r["messages"][-1]["content"] for r in server.requests[len(asked_first):]]
+    asked_again = [r["messages"][-1]["content"] for r in server.requests[len(asked_first) :]]
     twice = set(asked_first) & set(asked_again)
     assert len(twice) <= 1, "only a request in flight at the kill (1 actor x concurrency 1) may be asked again"
     assert len(asked_first) + len(asked_again) - len(twice) == 10 and len(set(asked_again)) == len(asked_again)

@@ -49,8 +49,12 @@ def project_imports() -> dict[str, set[str]]:
 
 
 def package_edges(graph: dict[str, set[str]]) -> set[tuple[str, str]]:
-    return {(a.split(".")[0], b.split(".")[0]) for a, targets in graph.items() for b in targets
-            if a.split(".")[0] != b.split(".")[0]}
+    return {
+        (a.split(".")[0], b.split(".")[0])
+        for a, targets in graph.items()
+        for b in targets
+        if a.split(".")[0] != b.split(".")[0]
+    }
 
 
 def test_imports_only_go_down_the_layers():
@@ -69,7 +73,7 @@ def test_no_module_imports_itself_through_a_circle():
         state[module] = 1
         for target in sorted(graph.get(module, ())):
             if state.get(target) == 1:
-                cycles.append(path[path.index(target):] + [target])
+                cycles.append(path[path.index(target) :] + [target])
             elif target not in state:
                 visit(target, path + [target])
         state[module] = 2

@@ -32,7 +32,9 @@ def make_model(base_models, **overrides):
 
 
 def batch(model, conversation, n_images):
-    sample = tokenize_conversation(conversation, model.tokenizer, model.config.template, model.num_image_tokens, 512, n_images)
+    sample = tokenize_conversation(
+        conversation, model.tokenizer, model.config.template, model.num_image_tokens, 512, n_images
+    )
     pixel_values = torch.randn(n_images, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     return torch.tensor([sample.input_ids]), torch.tensor([sample.labels]), pixel_values
 
@@ -46,7 +48,12 @@ def test_image_tokens_follow_the_vision_grid(base_models):
     # 32 px / patch 8 = 4x4 = 16 patches; cls_patch keeps CLS too; qformer emits num_queries.
     assert make_model(base_models).num_image_tokens == 16
     assert make_model(base_models, select_feature="cls_patch").num_image_tokens == 17
-    assert make_model(base_models, projector=ProjectorConfig(type="qformer", num_queries=5, qformer_heads=4)).num_image_tokens == 5
+    assert (
+        make_model(
+            base_models, projector=ProjectorConfig(type="qformer", num_queries=5, qformer_heads=4)
+        ).num_image_tokens
+        == 5
+    )
 
 
 def test_features_land_exactly_on_the_image_positions(model):
@@ -155,7 +162,10 @@ def test_checkpoint_round_trip_gives_identical_logits(base_models, tmp_path):
         assert (path / "llm").is_dir() == llm
         reloaded = LlavaModel.from_pretrained(path)
         with torch.no_grad():
-            torch.testing.assert_close(reloaded(input_ids, pixel_values=pixel_values).logits, model(input_ids, pixel_values=pixel_values).logits)
+            torch.testing.assert_close(
+                reloaded(input_ids, pixel_values=pixel_values).logits,
+                model(input_ids, pixel_values=pixel_values).logits,
+            )
 
 
 def test_pickle_weights_are_refused(base_models, tmp_path):

@@ -15,6 +15,7 @@ def _work(calls: list, name: str, out: Path):
         calls.append(name)
         out.mkdir(parents=True, exist_ok=True)
         return {"dir": str(out)}, {"n": len(calls)}
+
     return work
 
 
@@ -125,8 +126,14 @@ def fake_jobs(monkeypatch):
         calls.append((config.checkpoint.run_name, config.optim.lr, config.init_from, run_dir.exists()))
         model = run_dir / f"checkpoint_{len(calls)}" / "hf"
         model.mkdir(parents=True)
-        return types.SimpleNamespace(run_dir=str(run_dir), model=str(model), checkpoint=str(model.parent), steps=1,
-                                     metrics=[{"loss": 2.0}, {"loss": 1.0}], skipped_rows={})
+        return types.SimpleNamespace(
+            run_dir=str(run_dir),
+            model=str(model),
+            checkpoint=str(model.parent),
+            steps=1,
+            metrics=[{"loss": 2.0}, {"loss": 1.0}],
+            skipped_rows={},
+        )
 
     def heldout_accuracy(model, data, out, batch_size):
         calls.append(("eval", model))
@@ -139,13 +146,14 @@ def fake_jobs(monkeypatch):
         Path(out).mkdir(parents=True, exist_ok=True)
         return types.SimpleNamespace(path=str(out), format="hf-llava", message="ok")
 
-    fakes = {"llava.data.prepare": {"prepare_digits": prepare_digits, "prepare_captions": None,
-                                    "prepare_llava_json": None},
-             "llava.tiny_models": {"build_tiny_base_models": build_tiny_base_models},
-             "llava.training.trainer": {"train": train},
-             "llava.evaluation.digits": {"heldout_accuracy": heldout_accuracy},
-             "llava.export_hf": {"export_hf": export_hf},
-             "llava.model": {"LlavaModel": types.SimpleNamespace(from_pretrained=lambda uri: uri)}}
+    fakes = {
+        "llava.data.prepare": {"prepare_digits": prepare_digits, "prepare_captions": None, "prepare_llava_json": None},
+        "llava.tiny_models": {"build_tiny_base_models": build_tiny_base_models},
+        "llava.training.trainer": {"train": train},
+        "llava.evaluation.digits": {"heldout_accuracy": heldout_accuracy},
+        "llava.export_hf": {"export_hf": export_hf},
+        "llava.model": {"LlavaModel": types.SimpleNamespace(from_pretrained=lambda uri: uri)},
+    }
     for name, attrs in fakes.items():
         monkeypatch.setitem(sys.modules, name, types.SimpleNamespace(**attrs))
     monkeypatch.setattr("jobs.pipeline_runner.Pipeline.ray", lambda self: None)
@@ -164,8 +172,13 @@ def test_pipeline_command_wires_the_stages_and_reruns_only_what_changed(fake_job
     assert all(s["ran"] for s in stages.values()) and result["manifest"] == str(root / "pipeline.json")
     stage1_run = str(root / "runs" / "stage1")
     model = stages["stage2"]["outputs"]["model"]
-    assert fake_jobs == [("prepare", 0), ("stage1", 2e-3, None, False), ("stage2", 1e-3, stage1_run, False),
-                         ("eval", model), ("export", model)]
+    assert fake_jobs == [
+        ("prepare", 0),
+        ("stage1", 2e-3, None, False),
+        ("stage2", 1e-3, stage1_run, False),
+        ("eval", model),
+        ("export", model),
+    ]
     assert stages["eval"]["metrics"]["heldout"]["accuracy"] == 0.5
     assert stages["export"]["outputs"]["path"] == str(root / "export")
     manifest = json.loads((root / "pipeline.json").read_text())["stages"]
@@ -180,8 +193,13 @@ def test_pipeline_command_wires_the_stages_and_reruns_only_what_changed(fake_job
 
     assert run() == dict.fromkeys(stages, False) and fake_jobs == []  # all complete: nothing runs
     # stage 2's config changed: its old run is cleared (not resumed), and eval + export follow
-    assert run("stage2.optim.lr=0.01") == {"prepare": False, "stage1": False, "stage2": True, "eval": True,
-                                           "export": True}
+    assert run("stage2.optim.lr=0.01") == {
+        "prepare": False,
+        "stage1": False,
+        "stage2": True,
+        "eval": True,
+        "export": True,
+    }
     assert fake_jobs[0] == ("stage2", 0.01, stage1_run, False)
     # the data changed: everything again
     assert all(run("stage2.optim.lr=0.01", "prepare.stage1.seed=3").values()) and fake_jobs[0] == ("prepare", 3)

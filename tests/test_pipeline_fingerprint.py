@@ -20,18 +20,30 @@ def _run(root: Path, *overrides: str) -> dict[str, bool]:
 
 
 def _files(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): p.read_text() for p in root.rglob("*") if p.is_file()
-            and p.name != "pipeline.json"}
+    return {
+        p.relative_to(root).as_posix(): p.read_text()
+        for p in root.rglob("*")
+        if p.is_file() and p.name != "pipeline.json"
+    }
 
 
 def test_operational_fields_neither_rerun_nor_clear_a_stage(fake_jobs, tmp_path):  # noqa: F811
     root = tmp_path / "run"
     assert all(_run(root).values())
     fake_jobs.clear()
-    ran = _run(root, "stage1.workers.num_workers=1", "stage2.workers.num_workers=4", "stage2.workers.use_gpu=false",
-               "stage2.log_every_steps=3", "stage2.checkpoint.keep=5", "stage2.checkpoint.every_steps=7",
-               "stage2.checkpoint.max_failures=9", "stage2.data.cache=true", "stage2.tracking.backend=tensorboard",
-               "prepare.ingest.batch_size=7")
+    ran = _run(
+        root,
+        "stage1.workers.num_workers=1",
+        "stage2.workers.num_workers=4",
+        "stage2.workers.use_gpu=false",
+        "stage2.log_every_steps=3",
+        "stage2.checkpoint.keep=5",
+        "stage2.checkpoint.every_steps=7",
+        "stage2.checkpoint.max_failures=9",
+        "stage2.data.cache=true",
+        "stage2.tracking.backend=tensorboard",
+        "prepare.ingest.batch_size=7",
+    )
     assert ran == dict.fromkeys(ran, False) and fake_jobs == []
     assert not list(root.rglob("*.v1"))
 
@@ -90,8 +102,10 @@ def test_an_interrupted_run_with_a_new_config_is_moved_aside_not_resumed(fake_jo
 def test_result_fields_and_moving_aside_on_s3(s3_bucket):
     from llava import storage
 
-    assert result_fields({"a": 1, "workers": {"n": 2}, "c": {"keep": 1, "lr": 3}}, ("workers", "c.keep", "x.y")) == \
-        {"a": 1, "c": {"lr": 3}}
+    assert result_fields({"a": 1, "workers": {"n": 2}, "c": {"keep": 1, "lr": 3}}, ("workers", "c.keep", "x.y")) == {
+        "a": 1,
+        "c": {"lr": 3},
+    }
     root, external = f"{s3_bucket}/runs/exp", f"{s3_bucket}/users/data.txt"
     storage.write_text(external, "the user's")
 

@@ -37,9 +37,27 @@ SECRET = "s3cr3t-for-the-job"  # forwarded with `--env TEST_ENV`: in the job's e
 
 # ---- the submission helper, no cluster ----
 
+
 def test_the_job_command_line_leaves_out_the_submission_flags():
-    argv = ["-v", "prepare", "digits", "--out", "s3://b/p", "--address", "http://h:8265", "--pip=boto3",
-            "--env", "A=1", "--working-dir", ".", "--detach", "--env=B=x=y", "--address=http://h:8265", "--seed", "3"]
+    argv = [
+        "-v",
+        "prepare",
+        "digits",
+        "--out",
+        "s3://b/p",
+        "--address",
+        "http://h:8265",
+        "--pip=boto3",
+        "--env",
+        "A=1",
+        "--working-dir",
+        ".",
+        "--detach",
+        "--env=B=x=y",
+        "--address=http://h:8265",
+        "--seed",
+        "3",
+    ]
     submission = remote.Submission(tuple(argv), pip=("boto3",), env={"A": "1"})
     assert submission.job_argv() == ["-v", "prepare", "digits", "--out", "s3://b/p", "--seed", "3"]
     assert submission.entrypoint() == "llava-ray -v prepare digits --out s3://b/p --seed 3"
@@ -50,8 +68,22 @@ def test_the_job_command_line_leaves_out_the_submission_flags():
 
 
 def test_the_submission_flags_parse_into_a_runtime_env():
-    argv = ["pretrain", "--preset", "demo", "--address", "https://head:8265", "--env", "HF_HOME=/data/hf",
-            "--env", "X=a=b", "--pip", "boto3", "--pip", "ijson>=3", "optim.max_steps=3"]
+    argv = [
+        "pretrain",
+        "--preset",
+        "demo",
+        "--address",
+        "https://head:8265",
+        "--env",
+        "HF_HOME=/data/hf",
+        "--env",
+        "X=a=b",
+        "--pip",
+        "boto3",
+        "--pip",
+        "ijson>=3",
+        "optim.max_steps=3",
+    ]
     args = build_parser().parse_args(argv)
     submission = remote.Submission.from_args(args, argv)
     assert submission.runtime_env()["env_vars"] == {"HF_HOME": "/data/hf", "X": "a=b", remote.SUBMITTED_ENV: "1"}
@@ -63,11 +95,27 @@ def test_the_submission_flags_parse_into_a_runtime_env():
 
 def test_env_name_alone_forwards_the_submitters_value_without_putting_it_in_argv(monkeypatch, capsys):
     monkeypatch.setenv("LLAVA_RAY_TEST_KEY", "sk-secret")
-    argv = ["infer", "--model", "m", "--questions", "q", "--out", "o", "--address", "http://head:8265",
-            "--env", "LLAVA_RAY_TEST_KEY", "--env", "PLAIN=1"]
+    argv = [
+        "infer",
+        "--model",
+        "m",
+        "--questions",
+        "q",
+        "--out",
+        "o",
+        "--address",
+        "http://head:8265",
+        "--env",
+        "LLAVA_RAY_TEST_KEY",
+        "--env",
+        "PLAIN=1",
+    ]
     submission = remote.Submission.from_args(build_parser().parse_args(argv), argv)
-    assert submission.runtime_env()["env_vars"] == {"LLAVA_RAY_TEST_KEY": "sk-secret", "PLAIN": "1",
-                                                    remote.SUBMITTED_ENV: "1"}
+    assert submission.runtime_env()["env_vars"] == {
+        "LLAVA_RAY_TEST_KEY": "sk-secret",
+        "PLAIN": "1",
+        remote.SUBMITTED_ENV: "1",
+    }
     assert "sk-secret" not in " ".join(argv) + submission.entrypoint()
     monkeypatch.delenv("LLAVA_RAY_TEST_KEY")
     with pytest.raises(SystemExit) as exit_info:
@@ -112,8 +160,9 @@ def start_or_join_ray(home: Path, **env: str) -> dict:
     """Run `init_ray()` and one task in a fresh process: no RAY_ADDRESS / RAY_AUTH_MODE / auth token of ours."""
     environment = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     environment.update(HOME=str(home), **env)  # HOME: no ~/.ray/auth_token from this machine
-    done = subprocess.run([sys.executable, "-c", _INIT_RAY], capture_output=True, text=True, env=environment,
-                          cwd=REPO, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", _INIT_RAY], capture_output=True, text=True, env=environment, cwd=REPO, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return {**json.loads(done.stdout.strip().splitlines()[-1]), "stderr": done.stderr}
 
@@ -134,6 +183,7 @@ def test_without_an_address_a_job_starts_its_own_ray_whatever_a_crashed_cluster_
 
 
 # ---- a real cluster ----
+
 
 def _session_processes(head_pid: int, gcs_port: int):
     """Processes of our cluster: its session (head, GCS, raylet, workers) and job entrypoints (own sessions)."""
@@ -163,19 +213,41 @@ def cluster():
         if port not in ports:
             ports.append(port)
     gcs, dashboard, *others = ports
-    names = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
-             "--runtime-env-agent-port", "--node-manager-port", "--object-manager-port", "--ray-client-server-port"]
+    names = [
+        "--dashboard-agent-listen-port",
+        "--dashboard-agent-grpc-port",
+        "--metrics-export-port",
+        "--runtime-env-agent-port",
+        "--node-manager-port",
+        "--object-manager-port",
+        "--ray-client-server-port",
+    ]
     temp_dir = Path(tempfile.mkdtemp(prefix="rj", dir=os.environ["RAY_TMPDIR"]))  # short: Ray's socket paths
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_AUTH_MODE="disabled", PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")  # jobs find llava-ray
     log_path = temp_dir / "head.log"
     with open(log_path, "w") as log_file:
         head = subprocess.Popen(
-            [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
-             *(f"{name}={port}" for name, port in zip(names, others)),
-             "--num-cpus=4", f"--temp-dir={temp_dir}", "--disable-usage-stats", "--block"],
-            stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            [
+                str(BIN / "ray"),
+                "start",
+                "--head",
+                "--node-ip-address=127.0.0.1",
+                f"--port={gcs}",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dashboard}",
+                "--include-dashboard=true",
+                *(f"{name}={port}" for name, port in zip(names, others)),
+                "--num-cpus=4",
+                f"--temp-dir={temp_dir}",
+                "--disable-usage-stats",
+                "--block",
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
     address = f"http://127.0.0.1:{dashboard}"
     _GCS[address] = f"127.0.0.1:{gcs}"
     try:
@@ -206,8 +278,9 @@ def cluster():
 
 def llava_ray(*args: str, extra_env: dict | None = None, **kwargs) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | (extra_env or {})
-    return subprocess.Popen([str(BIN / "llava-ray"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, **kwargs)
+    return subprocess.Popen(
+        [str(BIN / "llava-ray"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **kwargs
+    )
 
 
 def finish(process: subprocess.Popen) -> dict:
@@ -223,8 +296,16 @@ def runs(cluster, tmp_path_factory):
     failing = ["prepare", "llava-json", "--json", "/nonexistent.json", "--images", str(out), "--address", cluster]
     ok = llava_ray("prepare", "digits", "--out", str(out / "digits"), "--address", cluster)
     bad = llava_ray(*failing, "--out", str(out / "bad"))
-    detached = llava_ray(*failing, "--out", str(out / "bad2"), "--working-dir", str(REPO), "--env", TEST_ENV,
-                         extra_env={TEST_ENV: SECRET})
+    detached = llava_ray(
+        *failing,
+        "--out",
+        str(out / "bad2"),
+        "--working-dir",
+        str(REPO),
+        "--env",
+        TEST_ENV,
+        extra_env={TEST_ENV: SECRET},
+    )
     submitted = json.loads(detached.stdout.readline())  # printed once the job is submitted
     time.sleep(1)
     detached.send_signal(signal.SIGINT)
@@ -251,8 +332,11 @@ def test_a_submitted_job_runs_on_the_cluster_and_its_result_comes_back(cluster, 
     assert f"Running entrypoint for job {job_id}: llava-ray prepare digits --out" in ok["stderr"]  # no --address
     assert "llava.data.ingest: wrote 1497 rows" in ok["stderr"]  # the job's logs, followed on stderr
     assert remote.RESULT_PREFIX not in ok["stderr"]
-    assert {name: result[name]["rows"] for name in ("stage1", "stage2", "eval")} == {"stage1": 1497, "stage2": 1497,
-                                                                                     "eval": 300}
+    assert {name: result[name]["rows"] for name in ("stage1", "stage2", "eval")} == {
+        "stage1": 1497,
+        "stage2": 1497,
+        "eval": 300,
+    }
     for name in ("stage1", "stage2", "eval"):  # written by the cluster, read back here
         shards = [runs["out"] / "digits" / name / shard for shard in result[name]["shards"]]
         assert shards and all(shard.stat().st_size > 0 for shard in shards)
@@ -278,8 +362,12 @@ def test_ctrl_c_detaches_and_jobs_logs_follow_reattaches(cluster, runs, capsys):
     detached = runs["detached"]
     job_id = detached["lines"][0]["job_id"]
     assert detached["code"] == remote.DETACHED_EXIT
-    assert detached["lines"][-1] == {"job_id": job_id, "address": cluster, "status": detached["lines"][-1]["status"],
-                                     "detached": True}
+    assert detached["lines"][-1] == {
+        "job_id": job_id,
+        "address": cluster,
+        "status": detached["lines"][-1]["status"],
+        "detached": True,
+    }
     assert detached["lines"][-1]["status"] in ("PENDING", "RUNNING")  # left running
     assert f"llava-ray jobs logs {job_id} --follow --address {cluster}" in detached["stderr"]
     assert f"llava-ray jobs stop {job_id}" in detached["stderr"]
@@ -323,6 +411,8 @@ def test_jobs_list_logs_and_stop(cluster, runs, capsys):
 def test_with_an_address_a_job_joins_the_cluster_says_so_and_leaves_ray_auth_alone(cluster, tmp_path):
     gcs = _GCS[cluster]
     joined = start_or_join_ray(tmp_path, RAY_ADDRESS=gcs)
-    assert joined["answer"] == 42 and joined["gcs"].endswith(":" + gcs.rpartition(":")[2])  # Ray names it by the node's IP
+    assert joined["answer"] == 42 and joined["gcs"].endswith(
+        ":" + gcs.rpartition(":")[2]
+    )  # Ray names it by the node's IP
     assert f"joining the Ray cluster at {gcs} (RAY_ADDRESS)" in joined["stderr"]
     assert joined["auth_mode"] is None  # not forced to disabled: Ray's token auth applies when the cluster uses it

@@ -59,9 +59,11 @@ def test_a_request_joins_while_another_decodes_and_greedy_answers_equal_batch_in
 
     scheduler = Scheduler(model, SchedulerConfig(max_rows=4))
     params = SamplingParams(max_tokens=14, temperature=0)
-    prompts = [encode(model, "<image>\nWhat is in the picture?", [png(1)]),
-               encode(model, "Tell me a long story about two cats and a dog, with many details."),
-               encode(model, "hi")]
+    prompts = [
+        encode(model, "<image>\nWhat is in the picture?", [png(1)]),
+        encode(model, "Tell me a long story about two cats and a dog, with many details."),
+        encode(model, "hi"),
+    ]
     late = []
 
     def after_third_token(answer):  # sent from inside the first row's decode: it must join at a coming step
@@ -90,13 +92,17 @@ def test_each_row_keeps_its_own_sampling_settings(model):
     prompt = encode(model, "Tell me a long story about two cats and a dog.")
     other = encode(model, "<image>\nDescribe it.", [png(4)])
     full = greedy_decode(model, [prompt], max_new_tokens=20)[0]
-    stop = next(full[i:i + 3] for i in range(2, len(full) - 2) if full[i:i + 3].isalpha())
+    stop = next(full[i : i + 3] for i in range(2, len(full) - 2) if full[i : i + 3].isalpha())
     sampled = SamplingParams(max_tokens=12, temperature=1.5, top_p=0.95, seed=7)
     alone = BatchDecoder(model, [prompt], [sampled]).run()[0]  # the same seed decoded on its own
 
     scheduler = Scheduler(model, start=False)  # all four are submitted before the loop runs: one group
-    settings = [SamplingParams(max_tokens=20, temperature=0), sampled,
-                SamplingParams(max_tokens=20, temperature=0, stop=[stop]), SamplingParams(max_tokens=3, temperature=0)]
+    settings = [
+        SamplingParams(max_tokens=20, temperature=0),
+        sampled,
+        SamplingParams(max_tokens=20, temperature=0, stop=[stop]),
+        SamplingParams(max_tokens=3, temperature=0),
+    ]
     submitted = [submit(scheduler, p, s) for p, s in zip([prompt, prompt, prompt, other], settings)]
     scheduler.start()
     (greedy_row, greedy), (_, seeded), (_, cut), (_, short) = [(row, a.wait()) for row, a in submitted]
@@ -146,7 +152,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_the_running_rows_steps(mod
 
     _, first = submit(scheduler, running, params, on_output=after_second_token)
     first.wait()
-    (sent_at, long_row, long_answer), = late
+    ((sent_at, long_row, long_answer),) = late
     long_answer.wait()
     scheduler.close()
     assert long_row.prefill_chunks == math.ceil(len(long.input_ids) / 16)
@@ -164,8 +170,12 @@ def test_non_streaming_rows_get_one_output_and_cancelled_rows_leave(model):
     params = SamplingParams(max_tokens=10, temperature=0)
     scheduler = Scheduler(model, start=False)
     whole = submit(scheduler, prompts[0], params, stream=False)[1]
-    cancelled_row, cancelled = submit(scheduler, prompts[1], SamplingParams(max_tokens=500, temperature=0),
-                                      on_output=lambda a: setattr(cancelled_row, "cancelled", len(a.outputs) >= 2))
+    cancelled_row, cancelled = submit(
+        scheduler,
+        prompts[1],
+        SamplingParams(max_tokens=500, temperature=0),
+        on_output=lambda a: setattr(cancelled_row, "cancelled", len(a.outputs) >= 2),
+    )
     scheduler.start()
     whole.wait()
     while scheduler.running:  # the cancelled row leaves at the step after it was cancelled
@@ -181,7 +191,14 @@ def test_models_with_sliding_window_caches_are_refused():
 
     from serve.scheduler import new_cache
 
-    config = MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, sliding_window=8, vocab_size=100)
+    config = MistralConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=8,
+        vocab_size=100,
+    )
     with pytest.raises(ValueError, match="sliding-window"):
         new_cache(config)

@@ -52,10 +52,16 @@ def test_requests_show_up_in_the_prometheus_metrics(chat_server):
     import ray
 
     client = chat_server.client()
-    answer = client.chat.completions.create(model="tiny-llava", max_tokens=5, messages=[
-        {"role": "user", "content": [image_part(png(21)), {"type": "text", "text": "What is it?"}]}])
-    streamed = list(client.chat.completions.create(model="tiny-llava", max_tokens=4, stream=True,
-                                                   messages=[{"role": "user", "content": "Hello"}]))
+    answer = client.chat.completions.create(
+        model="tiny-llava",
+        max_tokens=5,
+        messages=[{"role": "user", "content": [image_part(png(21)), {"type": "text", "text": "What is it?"}]}],
+    )
+    streamed = list(
+        client.chat.completions.create(
+            model="tiny-llava", max_tokens=4, stream=True, messages=[{"role": "user", "content": "Hello"}]
+        )
+    )
     assert answer.usage.completion_tokens >= 1 and streamed
     assert chat_server.post("/v1/chat/completions", {"model": "tiny-llava", "messages": []}, key="wrong")[0] == 401
     too_long = {"model": "tiny-llava", "max_tokens": 10_000, "messages": [{"role": "user", "content": "Hi"}]}
@@ -95,8 +101,11 @@ def test_grafana_dashboard_charts_only_metrics_we_export():
     assert dashboard["title"] and dashboard["uid"] and dashboard["schemaVersion"] >= 30
     queries = dashboard_queries(dashboard)
     assert queries
-    exported = {prometheus_name(key) + suffix for key, (kind, _) in METRICS.items()
-                for suffix in (("_bucket", "_sum", "_count") if kind == "histogram" else ("",))}
+    exported = {
+        prometheus_name(key) + suffix
+        for key, (kind, _) in METRICS.items()
+        for suffix in (("_bucket", "_sum", "_count") if kind == "histogram" else ("",))
+    }
     used = set()
     for query in queries:
         names = set(re.findall(r"\b(ray_[a-z0-9_]+)", query))

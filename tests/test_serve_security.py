@@ -71,8 +71,11 @@ class NormalTraffic:
         self.stop.set()
         for thread in self.threads:
             thread.join(300)
-        bad = [(status, body) for status, body in self.results
-               if status != 200 or body["choices"][0]["message"]["role"] != "assistant"]
+        bad = [
+            (status, body)
+            for status, body in self.results
+            if status != 200 or body["choices"][0]["message"]["role"] != "assistant"
+        ]
         assert not bad, f"normal requests failed while a bad one ran: {bad[:3]}"
 
 
@@ -84,6 +87,7 @@ def assert_openai_error(status: int, body, expected_status: int, code: str | Non
 
 
 # ---- image hosts that misbehave ---------------------------------------------------------------------------------------
+
 
 class _BadImageHost(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -151,8 +155,9 @@ def bad_host():
 def test_a_dripping_image_host_gets_a_4xx_at_the_deadline_while_others_are_served(chat_server, bad_host):
     with NormalTraffic(chat_server) as traffic:
         before = traffic.completed()
-        status, body = chat_server.post("/v1/chat/completions",
-                                        user({"type": "image_url", "image_url": {"url": bad_host + "/drip.png"}}, TEXT))
+        status, body = chat_server.post(
+            "/v1/chat/completions", user({"type": "image_url", "image_url": {"url": bad_host + "/drip.png"}}, TEXT)
+        )
         served_meanwhile = traffic.completed() - before
     assert_openai_error(status, body, 400, "image_fetch_timeout")
     assert "longer than 5 s" in body["error"]["message"]
@@ -160,21 +165,26 @@ def test_a_dripping_image_host_gets_a_4xx_at_the_deadline_while_others_are_serve
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path, code", [
-    ("/lying-length.png", "image_fetch_failed"),  # Content-Length larger than the body
-    ("/truncated.png", "invalid_image"),
-    ("/html-as-png.png", "invalid_image"),  # the format is checked, not the header's word
-    ("/bmp.png", "invalid_image"),  # not in the allowed formats
-    ("/bad-length.png", "image_fetch_failed"),
-])
+@pytest.mark.parametrize(
+    "path, code",
+    [
+        ("/lying-length.png", "image_fetch_failed"),  # Content-Length larger than the body
+        ("/truncated.png", "invalid_image"),
+        ("/html-as-png.png", "invalid_image"),  # the format is checked, not the header's word
+        ("/bmp.png", "invalid_image"),  # not in the allowed formats
+        ("/bad-length.png", "image_fetch_failed"),
+    ],
+)
 def test_lying_or_truncated_image_responses_are_4xx(chat_server, bad_host, path, code):
     with NormalTraffic(chat_server, clients=1):
-        status, body = chat_server.post("/v1/chat/completions",
-                                        user({"type": "image_url", "image_url": {"url": bad_host + path}}, TEXT))
+        status, body = chat_server.post(
+            "/v1/chat/completions", user({"type": "image_url", "image_url": {"url": bad_host + path}}, TEXT)
+        )
     assert_openai_error(status, body, 400, code)
 
 
 # ---- malformed input: 4xx in OpenAI's shape, never 5xx ----------------------------------------------------------------
+
 
 def _image_url_request(url: str) -> dict:
     return user({"type": "image_url", "image_url": {"url": url}}, TEXT)
@@ -193,19 +203,31 @@ MALFORMED = {
     "negative seed": (user(TEXT, seed=-1), 400, "invalid_value"),
     "seed of 2^63": (user(TEXT, seed=2**63), 400, "invalid_value"),
     "seed far too large": (user(TEXT, seed=10**40), 400, "invalid_value"),
-    "too many messages": ({"model": "tiny-llava", "messages": [{"role": "user", "content": "hi"}] * 17}, 400,
-                          "too_many_messages"),
+    "too many messages": (
+        {"model": "tiny-llava", "messages": [{"role": "user", "content": "hi"}] * 17},
+        400,
+        "too_many_messages",
+    ),
     "too much text": (user({"type": "text", "text": "x" * 20_001}), 400, "string_above_max_length"),
     "too many content parts": (user(*[TEXT] * 33), 400, "invalid_value"),
     "deep nesting": (b'{"model": "tiny-llava", "x": ' + b"[" * 40 + b"]" * 40 + b"}", 400, "invalid_json"),
-    "very deep nesting": (b'{"model": "tiny-llava", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400,
-                          "invalid_json"),
-    "a lone surrogate": (b'{"model": "tiny-llava", "messages": [{"role": "user", "content": "\\ud800 hi"}]}', 400,
-                         "invalid_value"),
+    "very deep nesting": (
+        b'{"model": "tiny-llava", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        400,
+        "invalid_json",
+    ),
+    "a lone surrogate": (
+        b'{"model": "tiny-llava", "messages": [{"role": "user", "content": "\\ud800 hi"}]}',
+        400,
+        "invalid_value",
+    ),
     "NaN": (b'{"model": "tiny-llava", "temperature": NaN, "messages": []}', 400, "invalid_json"),
     "not UTF-8": (b'{"model": "\xff\xfe"}', 400, "invalid_json"),
-    "a TIFF image": (user({"type": "image_url", "image_url": {"url": data_url(b"II*\x00" + b"\x00" * 64)}}, TEXT),
-                     400, "invalid_image"),
+    "a TIFF image": (
+        user({"type": "image_url", "image_url": {"url": data_url(b"II*\x00" + b"\x00" * 64)}}, TEXT),
+        400,
+        "invalid_image",
+    ),
 }
 
 
@@ -263,6 +285,7 @@ def _request(url: str, data: bytes, headers: dict) -> tuple[int, dict]:
 
 # ---- body limits ------------------------------------------------------------------------------------------------------
 
+
 def _raw_http(url: str, head: str, body: bytes = b"") -> tuple[int, dict]:
     """Send `head` (request line and headers) and `body` on a raw socket; the status and JSON body of the answer."""
     parts = urllib.parse.urlsplit(url)
@@ -290,9 +313,12 @@ def _length(data: bytes) -> int:
 def test_a_body_over_the_limit_is_refused_on_content_length_before_it_is_sent(chat_server):
     """Content-Length says 1 GB and no byte of the body is ever sent: the answer must still come (413)."""
     with NormalTraffic(chat_server):
-        status, body = _raw_http(chat_server.url, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-                                 f"Authorization: Bearer {chat_server.key}\r\nContent-Type: application/json\r\n"
-                                 "Content-Length: 1000000000\r\nConnection: close\r\n")
+        status, body = _raw_http(
+            chat_server.url,
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {chat_server.key}\r\nContent-Type: application/json\r\n"
+            "Content-Length: 1000000000\r\nConnection: close\r\n",
+        )
     assert_openai_error(status, body, 413, "request_too_large")
 
 
@@ -304,9 +330,17 @@ def test_a_chunked_body_is_capped_while_it_is_read(chat_server):
         parts = urllib.parse.urlsplit(chat_server.url)
         connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
         try:
-            connection.request("POST", "/v1/chat/completions", body=iter(chunks), encode_chunked=True,
-                               headers={"Authorization": f"Bearer {chat_server.key}",
-                                        "Content-Type": "application/json", "Transfer-Encoding": "chunked"})
+            connection.request(
+                "POST",
+                "/v1/chat/completions",
+                body=iter(chunks),
+                encode_chunked=True,
+                headers={
+                    "Authorization": f"Bearer {chat_server.key}",
+                    "Content-Type": "application/json",
+                    "Transfer-Encoding": "chunked",
+                },
+            )
         except OSError:
             pass  # the server may answer and close before the last chunk is sent
         response = connection.getresponse()
@@ -316,6 +350,7 @@ def test_a_chunked_body_is_capped_while_it_is_read(chat_server):
 
 
 # ---- a row that fails inside the decode loop fails only its own request ------------------------------------------------
+
 
 def _poisoning_class():
     from serve.app import LlavaChat
@@ -348,12 +383,21 @@ def test_a_row_failing_inside_the_decode_loop_fails_only_its_own_request(chat_se
     serve.run(deployment.bind(config_to_dict(config)), name="poisoning", route_prefix="/poisoning", blocking=False)
     try:
         prompts = ["first question", "second question", "poison", "third question"]
-        expected = {p: chat_server.post("/v1/chat/completions", _text_request(p))[1]["choices"][0]["message"]["content"]
-                    for p in prompts if p != "poison"}
+        expected = {
+            p: chat_server.post("/v1/chat/completions", _text_request(p))[1]["choices"][0]["message"]["content"]
+            for p in prompts
+            if p != "poison"
+        }
         _wait_until_up(chat_server, "/poisoning/health")
         results: dict[str, tuple[int, dict]] = {}
-        threads = [threading.Thread(target=lambda p=p: results.__setitem__(
-            p, chat_server.post("/poisoning/v1/chat/completions", _text_request(p), timeout=300))) for p in prompts]
+        threads = [
+            threading.Thread(
+                target=lambda p=p: results.__setitem__(
+                    p, chat_server.post("/poisoning/v1/chat/completions", _text_request(p), timeout=300)
+                )
+            )
+            for p in prompts
+        ]
         with NormalTraffic(chat_server, clients=1):
             for thread in threads:
                 thread.start()
@@ -388,9 +432,14 @@ def test_a_failing_row_ends_alone_and_the_other_rows_decode_as_they_would_withou
     from llava.model import LlavaModel
 
     model = LlavaModel.from_pretrained(tiny_checkpoint).eval()
-    prompts = [encode_prompt(model, Prompt([{"from": "human", "value": text}], images))
-               for text, images in (("<image>\nWhat is it?", [png(1)]), ("poison", []), ("Tell me more.", []))]
-    greedy, poisoned = SamplingParams(max_tokens=8, temperature=0), SamplingParams(max_tokens=8, temperature=float("nan"))
+    prompts = [
+        encode_prompt(model, Prompt([{"from": "human", "value": text}], images))
+        for text, images in (("<image>\nWhat is it?", [png(1)]), ("poison", []), ("Tell me more.", []))
+    ]
+    greedy, poisoned = (
+        SamplingParams(max_tokens=8, temperature=0),
+        SamplingParams(max_tokens=8, temperature=float("nan")),
+    )
     texts, finals, errors = [""] * 3, [None] * 3, [None] * 3
     for step in BatchDecoder(model, prompts, [greedy, poisoned, greedy]).steps():
         for i, out in enumerate(step):
@@ -403,6 +452,7 @@ def test_a_failing_row_ends_alone_and_the_other_rows_decode_as_they_would_withou
 
 
 # ---- image URLs: the address that was checked is the one connected to -------------------------------------------------
+
 
 class _Recorder(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
@@ -459,9 +509,28 @@ def test_the_fetch_connects_to_the_checked_address_not_a_second_lookup(monkeypat
 def localhost_certificate(tmp_path, monkeypatch) -> tuple[str, str]:
     """A self-signed certificate for the name `localhost` (no IP address), trusted by this process."""
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
     monkeypatch.setenv("SSL_CERT_FILE", str(cert))
     return str(cert), str(key)
 
@@ -491,6 +560,7 @@ def test_https_fetch_keeps_the_host_name_for_sni_and_the_certificate(localhost_c
 
 
 # ---- image decoding ---------------------------------------------------------------------------------------------------
+
 
 def test_a_16_bit_image_is_converted_without_float64_copies():
     """A 16-bit greyscale image needs 2 bytes a pixel; converting it must not cost 8 (float64) or more."""
@@ -537,6 +607,7 @@ def test_image_format_allowlist_and_pixel_limit_defaults():
 
 # ---- stop strings: per-token cost linear in their length --------------------------------------------------------------
 
+
 def test_stop_prefix_matching_agrees_with_the_definition():
     from hypothesis import given, settings, strategies as st
 
@@ -572,17 +643,32 @@ def test_stop_prefix_matching_work_is_linear_in_the_stop_length():
 
 # ---- the vLLM engine gets the same checks ------------------------------------------------------------------------------
 
+
 def test_vllm_gets_checked_fields_and_images_as_data_urls():
     from serve.config import LimitsConfig
     from serve.protocol import parse_chat_request
     from serve.vllm_app import vllm_chat_body
 
     image = png(5)
-    data = {"model": "llava-7b", "temperature": 0.5, "seed": 3, "stop": "END", "max_tokens": 20,
-            "logit_bias": {"1": 100}, "tools": [{"type": "function"}],  # not ours to pass on
-            "messages": [{"role": "system", "content": "Be brief."},
-                         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/a.png"}},
-                                                      {"type": "text", "text": "What is it?"}]}]}
+    data = {
+        "model": "llava-7b",
+        "temperature": 0.5,
+        "seed": 3,
+        "stop": "END",
+        "max_tokens": 20,
+        "logit_bias": {"1": 100},
+        "tools": [{"type": "function"}],  # not ours to pass on
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": "http://x/a.png"}},
+                    {"type": "text", "text": "What is it?"},
+                ],
+            },
+        ],
+    }
     chat = parse_chat_request(data, "llava-7b", LimitsConfig())
     body = vllm_chat_body(data, chat, [image])
     assert set(body) == {"model", "messages", "stream", "temperature", "top_p", "stop", "seed", "max_tokens"}
@@ -592,6 +678,7 @@ def test_vllm_gets_checked_fields_and_images_as_data_urls():
 
 
 # ---- no API key on a public address needs an explicit flag --------------------------------------------------------------
+
 
 def test_serving_beyond_loopback_without_a_key_needs_the_explicit_flag(monkeypatch):
     from serve.app import check_exposure
@@ -611,12 +698,18 @@ def test_serving_beyond_loopback_without_a_key_needs_the_explicit_flag(monkeypat
 def test_the_serve_command_refuses_a_public_host_without_a_key_before_starting_anything(tmp_path):
     exe = Path(sys.executable).parent / "llava-ray"
     env = {k: v for k, v in os.environ.items() if k != "LLAVA_RAY_API_KEY"}
-    result = subprocess.run([str(exe), "serve", "--model", str(tmp_path), "--host", "0.0.0.0"], env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [str(exe), "serve", "--model", str(tmp_path), "--host", "0.0.0.0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2 and "--allow-unauthenticated" in result.stderr and "Traceback" not in result.stderr
 
 
 # ---- SIGTERM drains --------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_sigterm_finishes_the_request_in_flight_then_exits_0(tiny_checkpoint, tmp_path):
@@ -627,15 +720,34 @@ def test_sigterm_finishes_the_request_in_flight_then_exits_0(tiny_checkpoint, tm
     exe = Path(sys.executable).parent / "llava-ray"
     env = {k: v for k, v in os.environ.items() if k != "LLAVA_RAY_API_KEY"}
     server = subprocess.Popen(
-        [str(exe), "serve", "--model", tiny_checkpoint, "--port", str(free_port()), "replica.num_gpus=0",
-         "replica.num_cpus=0.5", "autoscaling.max_replicas=1", "model_name=tiny"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        [
+            str(exe),
+            "serve",
+            "--model",
+            tiny_checkpoint,
+            "--port",
+            str(free_port()),
+            "replica.num_gpus=0",
+            "replica.num_cpus=0.5",
+            "autoscaling.max_replicas=1",
+            "model_name=tiny",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         ready = json.loads(server.stdout.readline())
         client = openai.OpenAI(base_url=ready["openai_base_url"], api_key="unused", max_retries=0, timeout=300)
-        stream = client.chat.completions.create(model="tiny", temperature=0, max_tokens=400, stream=True,
-                                                stream_options={"include_usage": True},
-                                                messages=[{"role": "user", "content": "a long answer"}])
+        stream = client.chat.completions.create(
+            model="tiny",
+            temperature=0,
+            max_tokens=400,
+            stream=True,
+            stream_options={"include_usage": True},
+            messages=[{"role": "user", "content": "a long answer"}],
+        )
         chunks = [next(stream) for _ in range(3)]  # decoding has started
         server.send_signal(signal.SIGTERM)
         chunks += list(stream)
@@ -653,6 +765,7 @@ def test_sigterm_finishes_the_request_in_flight_then_exits_0(tiny_checkpoint, tm
 
 # ---- a replica killed under load ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_a_replica_killed_under_load_fails_only_requests_in_flight_and_is_replaced(chat_server):
     """2 replicas, 8 streaming clients, `ray.kill` of one replica: only requests in flight at the kill may fail,
@@ -665,8 +778,12 @@ def test_a_replica_killed_under_load_fails_only_requests_in_flight_and_is_replac
     from serve.app import LlavaChat, deployment_options
 
     options = {**deployment_options(chat_server.config), "autoscaling_config": None, "num_replicas": 2}
-    serve.run(LlavaChat.options(**options).bind(config_to_dict(chat_server.config)), name="killed",
-              route_prefix="/killed", blocking=False)
+    serve.run(
+        LlavaChat.options(**options).bind(config_to_dict(chat_server.config)),
+        name="killed",
+        route_prefix="/killed",
+        blocking=False,
+    )
     prefix = "SERVE_REPLICA::killed#LlavaChat#"
 
     def replicas() -> set[str]:
@@ -678,17 +795,24 @@ def test_a_replica_killed_under_load_fails_only_requests_in_flight_and_is_replac
     try:
         _wait_for(lambda: running() == 2, "2 replicas running")
         _wait_until_up(chat_server, "/killed/health")
-        client = openai.OpenAI(base_url=f"{chat_server.url}/killed/v1", api_key=chat_server.key, max_retries=0,
-                               timeout=300)
+        client = openai.OpenAI(
+            base_url=f"{chat_server.url}/killed/v1", api_key=chat_server.key, max_retries=0, timeout=300
+        )
         stop, records, lock = threading.Event(), [], threading.Lock()  # (started, ended, ok, error)
 
         def stream_forever(i: int) -> None:
             while not stop.is_set():
                 started, ok, error = time.monotonic(), False, None
                 try:
-                    chunks = list(client.chat.completions.create(
-                        model="tiny-llava", temperature=0, max_tokens=48, stream=True,
-                        messages=[{"role": "user", "content": f"client {i} keeps asking"}]))
+                    chunks = list(
+                        client.chat.completions.create(
+                            model="tiny-llava",
+                            temperature=0,
+                            max_tokens=48,
+                            stream=True,
+                            messages=[{"role": "user", "content": f"client {i} keeps asking"}],
+                        )
+                    )
                     ok = any(c.choices and c.choices[0].finish_reason for c in chunks)
                 except Exception as exc:  # what a killed replica does to a request in flight
                     error = type(exc).__name__
@@ -713,9 +837,11 @@ def test_a_replica_killed_under_load_fails_only_requests_in_flight_and_is_replac
     failed = [r for r in records if not r[2]]
     in_flight_at_kill = [r for r in records if r[0] < killed_at < r[1]]
     after = [r for r in records if r[0] > recovered_at]
-    print(f"replica kill: {len(records)} requests, {len(in_flight_at_kill)} in flight at the kill, {len(failed)} failed "
-          f"({Counter(r[3] for r in failed)}), replaced in {recovered_at - killed_at:.1f} s, "
-          f"{len(after)} after recovery, all ok: {all(r[2] for r in after)}")
+    print(
+        f"replica kill: {len(records)} requests, {len(in_flight_at_kill)} in flight at the kill, {len(failed)} failed "
+        f"({Counter(r[3] for r in failed)}), replaced in {recovered_at - killed_at:.1f} s, "
+        f"{len(after)} after recovery, all ok: {all(r[2] for r in after)}"
+    )
     assert all(r in in_flight_at_kill for r in failed), "only requests in flight at the kill may fail"
     assert all(r[2] for r in after), "no request started after the recovery may fail"
 
@@ -737,17 +863,39 @@ def _fuzz_strategy(image_host: str):
     """Request bodies: valid chat requests, valid ones with one field replaced by junk, schema-shaped junk, raw bytes."""
     from hypothesis import strategies as st
 
-    leaf = (st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False, allow_infinity=False)
-            | st.text(max_size=30))
-    junk = st.recursive(leaf, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
-                                                                                           max_size=3), max_leaves=8)
+    leaf = (
+        st.none()
+        | st.booleans()
+        | st.integers(-(2**70), 2**70)
+        | st.floats(allow_nan=False, allow_infinity=False)
+        | st.text(max_size=30)
+    )
+    junk = st.recursive(
+        leaf,
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+        max_leaves=8,
+    )
     good_urls = st.sampled_from([data_url(png(1)), data_url(png(2)), f"{image_host}/good.png"])
-    bad_urls = st.sampled_from([
-        data_url(b"not an image"), "data:image/png;base64,@@@", "data:text/plain;base64,aGk=",
-        "http://a:99999/x.png", "http://[::1/x.png", "http://127.0.0.1:1/x.png", "http://[::ffff:127.0.0.1]/x.png",
-        "file:///etc/passwd", "ftp://example.com/a.png", "", "http://", f"{image_host}/truncated.png",
-        f"{image_host}/bmp.png", f"{image_host}/missing.png", "http://a b/x.png", "http://x/\r\nHost: evil",
-    ]) | st.text(max_size=40)
+    bad_urls = st.sampled_from(
+        [
+            data_url(b"not an image"),
+            "data:image/png;base64,@@@",
+            "data:text/plain;base64,aGk=",
+            "http://a:99999/x.png",
+            "http://[::1/x.png",
+            "http://127.0.0.1:1/x.png",
+            "http://[::ffff:127.0.0.1]/x.png",
+            "file:///etc/passwd",
+            "ftp://example.com/a.png",
+            "",
+            "http://",
+            f"{image_host}/truncated.png",
+            f"{image_host}/bmp.png",
+            f"{image_host}/missing.png",
+            "http://a b/x.png",
+            "http://x/\r\nHost: evil",
+        ]
+    ) | st.text(max_size=40)
 
     def image(urls):
         return st.fixed_dictionaries({"type": st.just("image_url"), "image_url": st.fixed_dictionaries({"url": urls})})
@@ -755,36 +903,58 @@ def _fuzz_strategy(image_host: str):
     any_text = st.text(max_size=60) | st.text(st.characters(categories=["Cs", "Cc", "Zs", "Lo"]), max_size=8)
     text_part = st.fixed_dictionaries({"type": st.just("text"), "text": any_text})
     user_content = st.text(max_size=80) | st.lists(text_part | image(good_urls), min_size=1, max_size=3)
-    valid_message = (st.fixed_dictionaries({"role": st.just("user"), "content": user_content})
-                     | st.fixed_dictionaries({"role": st.sampled_from(["system", "assistant"]),
-                                              "content": st.text(max_size=60)}))
+    valid_message = st.fixed_dictionaries({"role": st.just("user"), "content": user_content}) | st.fixed_dictionaries(
+        {"role": st.sampled_from(["system", "assistant"]), "content": st.text(max_size=60)}
+    )
     last = st.fixed_dictionaries({"role": st.just("user"), "content": user_content})
-    valid = st.fixed_dictionaries({
-        "model": st.just("tiny-llava"),
-        "messages": st.tuples(st.lists(valid_message, max_size=2), last).map(lambda t: [*t[0], t[1]]),
-        "max_tokens": st.integers(1, 4),
-    }, optional={
-        "temperature": st.floats(0, 2), "top_p": st.floats(0.01, 1), "seed": st.integers(0, 2**63 - 1),
-        "stop": st.lists(st.text(min_size=1, max_size=64), max_size=4), "stream": st.booleans(),
-        "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
-    })
+    valid = st.fixed_dictionaries(
+        {
+            "model": st.just("tiny-llava"),
+            "messages": st.tuples(st.lists(valid_message, max_size=2), last).map(lambda t: [*t[0], t[1]]),
+            "max_tokens": st.integers(1, 4),
+        },
+        optional={
+            "temperature": st.floats(0, 2),
+            "top_p": st.floats(0.01, 1),
+            "seed": st.integers(0, 2**63 - 1),
+            "stop": st.lists(st.text(min_size=1, max_size=64), max_size=4),
+            "stream": st.booleans(),
+            "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
+        },
+    )
     bad_values = {
-        "model": st.just("gpt-9") | junk, "max_tokens": st.integers(-2**70, 0) | st.integers(513, 2**70) | junk,
+        "model": st.just("gpt-9") | junk,
+        "max_tokens": st.integers(-(2**70), 0) | st.integers(513, 2**70) | junk,
         "temperature": st.floats(2.001, 1e308) | st.floats(-1e308, -0.001) | junk,
         "top_p": st.floats(-1, 0) | st.floats(1.001, 10) | junk,
-        "seed": st.integers(-2**70, -1) | st.integers(2**63, 2**70) | junk,
+        "seed": st.integers(-(2**70), -1) | st.integers(2**63, 2**70) | junk,
         "stop": st.lists(st.text(max_size=80), min_size=5, max_size=8) | st.just([""]) | st.text(min_size=65) | junk,
-        "stream": junk, "n": st.integers(2, 5) | junk,
-        "messages": junk | st.lists(st.fixed_dictionaries({"role": st.sampled_from(["tool", "robot", "assistant"])
-                                                          | junk, "content": junk}), max_size=3)
-        | st.lists(st.fixed_dictionaries({"role": st.just("user"), "content": st.lists(
-            image(bad_urls) | junk, min_size=1, max_size=3)}), min_size=1, max_size=2),
+        "stream": junk,
+        "n": st.integers(2, 5) | junk,
+        "messages": junk
+        | st.lists(
+            st.fixed_dictionaries({"role": st.sampled_from(["tool", "robot", "assistant"]) | junk, "content": junk}),
+            max_size=3,
+        )
+        | st.lists(
+            st.fixed_dictionaries(
+                {"role": st.just("user"), "content": st.lists(image(bad_urls) | junk, min_size=1, max_size=3)}
+            ),
+            min_size=1,
+            max_size=2,
+        ),
     }
     one_bad_field = st.tuples(valid, st.sampled_from(sorted(bad_values)), st.data()).map(
-        lambda t: {**t[0], t[1]: t[2].draw(bad_values[t[1]])})
+        lambda t: {**t[0], t[1]: t[2].draw(bad_values[t[1]])}
+    )
     encode = json.dumps
-    return st.one_of(valid.map(encode), one_bad_field.map(encode), one_bad_field.map(encode),
-                     junk.map(encode), st.binary(max_size=120)).map(lambda b: b if isinstance(b, bytes) else b.encode())
+    return st.one_of(
+        valid.map(encode),
+        one_bad_field.map(encode),
+        one_bad_field.map(encode),
+        junk.map(encode),
+        st.binary(max_size=120),
+    ).map(lambda b: b if isinstance(b, bytes) else b.encode())
 
 
 @pytest.mark.slow
@@ -793,8 +963,13 @@ def test_fuzzed_requests_never_get_a_5xx_and_the_server_answers_afterwards(chat_
 
     statuses: Counter = Counter()
 
-    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=True,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=FUZZ_EXAMPLES,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(_fuzz_strategy(bad_host))
     def request(body: bytes):
         status, answer = chat_server.post("/v1/chat/completions", body, timeout=300)

@@ -66,7 +66,10 @@ def test_list_files(root):
         storage.write_text(storage.join(root, rel), rel)
     base = root if storage.is_s3(root) else os.path.abspath(root)
     assert storage.list_files(root) == [f"{base}/{r}" for r in ["a.json", "b.txt", "sub/c.json", "sub/deeper/d.json"]]
-    assert storage.list_files(storage.join(root, "sub"), suffix=".json") == [f"{base}/sub/c.json", f"{base}/sub/deeper/d.json"]
+    assert storage.list_files(storage.join(root, "sub"), suffix=".json") == [
+        f"{base}/sub/c.json",
+        f"{base}/sub/deeper/d.json",
+    ]
     assert storage.list_files(storage.join(root, "b.txt")) == [f"{base}/b.txt"]  # a file lists itself
     with pytest.raises(StorageError, match="nothing-here: not found"):
         storage.list_files(storage.join(root, "nothing-here"))
@@ -124,7 +127,9 @@ def test_upload_dir_round_trip(s3_bucket, tmp_path):
     (src / "llm" / "sub" / "w.bin").write_bytes(os.urandom(1000))
     storage.upload_dir(str(src), storage.join(s3_bucket, "runs/ckpt"))
     assert storage.list_files(storage.join(s3_bucket, "runs")) == [
-        f"{s3_bucket}/runs/ckpt/llava_config.json", f"{s3_bucket}/runs/ckpt/llm/sub/w.bin"]
+        f"{s3_bucket}/runs/ckpt/llava_config.json",
+        f"{s3_bucket}/runs/ckpt/llm/sub/w.bin",
+    ]
     back = storage.local_copy(storage.join(s3_bucket, "runs/ckpt"), cache_dir=str(tmp_path / "c"))
     assert Path(back, "llm/sub/w.bin").read_bytes() == (src / "llm" / "sub" / "w.bin").read_bytes()
     whole = storage.local_copy(s3_bucket, cache_dir=str(tmp_path / "c"))  # a bucket root works too
@@ -179,7 +184,9 @@ def test_unreachable_endpoint_fails_fast(s3_server, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
     for call in (storage.check_reachable, storage.read_bytes, storage.list_files):
         start = time.monotonic()
-        with pytest.raises(StorageError, match=f"^s3://bkt/k: cannot reach S3 endpoint {endpoint}: connection refused$"):
+        with pytest.raises(
+            StorageError, match=f"^s3://bkt/k: cannot reach S3 endpoint {endpoint}: connection refused$"
+        ):
             call("s3://bkt/k")
         assert time.monotonic() - start < 10
 
@@ -231,7 +238,7 @@ def test_a_write_that_fails_midway_leaves_no_object(root, s3_server):
     storage.write_stream(uri, iter([part, part, b"end"]))
     assert storage.read_bytes(uri) == part + part + b"end"
     if storage.is_s3(root):
-        bucket = root[len("s3://"):].split("/")[0]
+        bucket = root[len("s3://") :].split("/")[0]
         assert s3_server.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
     else:
         assert os.listdir(os.path.dirname(storage.filesystem(uri)[1])) == ["model.safetensors"]  # no temp file left

@@ -48,8 +48,11 @@ SYS_LLAMA2 = (
 @pytest.fixture(scope="session")
 def tokenizers(base_models, sp_tokenizer_dirs):
     """get(kind, template) -> a prepared tokenizer, loaded once per (kind, template) with load_tokenizer."""
-    dirs = {"bpe": base_models["llm"], "sp_legacy": sp_tokenizer_dirs["legacy"],
-            "sp_non_legacy": sp_tokenizer_dirs["non_legacy"]}
+    dirs = {
+        "bpe": base_models["llm"],
+        "sp_legacy": sp_tokenizer_dirs["legacy"],
+        "sp_non_legacy": sp_tokenizer_dirs["non_legacy"],
+    }
     cache = {}
 
     def get(kind, template):
@@ -132,8 +135,11 @@ def rendered_string(tokenizer, name, conversation):
 def expected_trained_text(tokenizer, name, conversation):
     t = get_template(name)
     end = tokenizer.eos_token if t.assistant_end == EOS else t.assistant_end
-    return "".join(t.assistant_format.replace("{content}", text) + end for role, text in _turns(conversation)
-                   if role == "assistant")
+    return "".join(
+        t.assistant_format.replace("{content}", text) + end
+        for role, text in _turns(conversation)
+        if role == "assistant"
+    )
 
 
 def trained_text(tokenizer, ids, labels):
@@ -153,7 +159,7 @@ def trained_text(tokenizer, ids, labels):
             j += 1
         before, through = tokenizer.decode(ids[:i]), tokenizer.decode(ids[:j])
         assert through.startswith(before)
-        run = through[len(before):]
+        run = through[len(before) :]
         if getattr(tokenizer, "legacy", False) and i > 0 and ids[i - 1] in special:
             assert tokenizer.convert_ids_to_tokens(ids[i]).startswith("▁") and run.startswith(" ")
             run = run[1:]
@@ -174,7 +180,9 @@ def test_input_ids_are_the_whole_string_tokenised(tokenizers, name, kind, case):
     text, leading_bos = rendered_string(tokenizer, name, conversation)
     assert sample.input_ids == whole_string_ids(tokenizer, text, leading_bos)
     assert sample.num_images == images
-    assert trained_text(tokenizer, sample.input_ids, sample.labels) == expected_trained_text(tokenizer, name, conversation)
+    assert trained_text(tokenizer, sample.input_ids, sample.labels) == expected_trained_text(
+        tokenizer, name, conversation
+    )
     image_id = tokenizer.convert_tokens_to_ids(IMG)
     positions = [i for i, token in enumerate(sample.input_ids) if token == image_id]
     assert len(positions) == N * images
@@ -191,7 +199,8 @@ def test_non_legacy_sentencepiece_keeps_user_whole_after_eos(tokenizers):
     assert tokenizer.tokenize("USER:")[0] == "▁USER"  # what piece-by-piece tokenisation used to produce
     legacy = tokenizers("sp_legacy", "vicuna_v1")
     tokens = legacy.convert_ids_to_tokens(
-        tokenize_conversation(CASES["multi_turn"], legacy, "vicuna_v1", N, 4096, num_images=1).input_ids)
+        tokenize_conversation(CASES["multi_turn"], legacy, "vicuna_v1", N, 4096, num_images=1).input_ids
+    )
     assert tokens[tokens.index("</s>") + 1] == "▁USER"  # legacy mode adds the prefix after a special token
 
 
@@ -233,7 +242,7 @@ def oracle(tokenizer, name, turns):
     chunks = expected_chunks(name, [(r, official_placement(t) if r == "user" else t) for r, t in turns])
     leading_bos = chunks[0][0].startswith("<s>")
     if leading_bos:
-        chunks[0] = (chunks[0][0][len("<s>"):], chunks[0][1])
+        chunks[0] = (chunks[0][0][len("<s>") :], chunks[0][1])
     text, spans, pos = "", [], 0
     for chunk, trained in chunks:
         spans.append((pos, pos + len(chunk), trained))
@@ -439,33 +448,55 @@ def test_generated_instruction_data_keeps_the_papers_random_placement(tokenizer)
     default, and as written with `keep`."""
     from llava.instruct.parse import to_conversation
 
-    rows = [to_conversation("complex", "Question: Why is it here?\n===\nAnswer: To rest.", random.Random(seed), [])
-            for seed in range(12)]
+    rows = [
+        to_conversation("complex", "Question: Why is it here?\n===\nAnswer: To rest.", random.Random(seed), [])
+        for seed in range(12)
+    ]
     firsts = {row[0]["value"] for row in rows}
     assert firsts == {f"{IMG}\nWhy is it here?", f"Why is it here?\n{IMG}"}
     started = {tuple(tokenize_conversation(row, tokenizer, "vicuna_v1", N, 4096, 1).input_ids) for row in rows}
-    kept = {tuple(tokenize_conversation(row, tokenizer, "vicuna_v1", N, 4096, 1, image_placement="keep").input_ids)
-            for row in rows}
+    kept = {
+        tuple(tokenize_conversation(row, tokenizer, "vicuna_v1", N, 4096, 1, image_placement="keep").input_ids)
+        for row in rows
+    }
     assert len(started) == 1 and len(kept) == 2
 
 
 def test_show_masks_shows_the_official_placement(sp_tokenizer_dirs, tmp_path):
     """`llava-ray show-masks` on a tokenizer.model-only directory: the image moved to the start of the turn."""
-    sample = {"id": "1", "image": "coco/1.jpg",
-              "conversations": conv(f"What is the man doing?\n{IMG}", "He is riding a horse.")}
+    sample = {
+        "id": "1",
+        "image": "coco/1.jpg",
+        "conversations": conv(f"What is the man doing?\n{IMG}", "He is riding a horse."),
+    }
     (tmp_path / "sample.json").write_text(json.dumps(sample))
     exe = str(Path(sys.executable).parent / "llava-ray")
 
     def shown(*extra):
         result = subprocess.run(
-            [exe, "show-masks", "--tokenizer", sp_tokenizer_dirs["non_legacy"], "--template", "vicuna_v1",
-             "--json", str(tmp_path / "sample.json"), "--image-tokens", "2", *extra],
-            capture_output=True, text=True, timeout=300, check=True)
+            [
+                exe,
+                "show-masks",
+                "--tokenizer",
+                sp_tokenizer_dirs["non_legacy"],
+                "--template",
+                "vicuna_v1",
+                "--json",
+                str(tmp_path / "sample.json"),
+                "--image-tokens",
+                "2",
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
+        )
         return json.loads(result.stdout.strip().splitlines()[-1])["tokens"]
 
     tokens = shown()
     first_image = tokens.index(IMG)
-    assert tokens[first_image - 3: first_image + 3] == ["▁USER", ":", "▁", IMG, IMG, "<0x0A>"]
+    assert tokens[first_image - 3 : first_image + 3] == ["▁USER", ":", "▁", IMG, IMG, "<0x0A>"]
     tokens = shown("--image-placement", "keep")
     first_image = tokens.index(IMG)
-    assert tokens[first_image - 2: first_image + 3] == ["?", "<0x0A>", IMG, IMG, "▁ASSISTANT"]
+    assert tokens[first_image - 2 : first_image + 3] == ["?", "<0x0A>", IMG, IMG, "▁ASSISTANT"]

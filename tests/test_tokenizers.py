@@ -17,11 +17,15 @@ CONVERSATION = [
 
 
 @pytest.mark.parametrize("mode", ["legacy", "non_legacy"])
-def test_a_model_on_a_sentencepiece_tokenizer_trains_saves_and_reloads(base_models, sp_tokenizer_dirs, mode,
-                                                                       tmp_path):
-    config = ModelConfig(vision_tower=base_models["vision_tower"], llm=base_models["llm"],
-                         tokenizer=sp_tokenizer_dirs[mode], image=ImageConfig(size=32), template="vicuna_v1",
-                         max_length=200)
+def test_a_model_on_a_sentencepiece_tokenizer_trains_saves_and_reloads(base_models, sp_tokenizer_dirs, mode, tmp_path):
+    config = ModelConfig(
+        vision_tower=base_models["vision_tower"],
+        llm=base_models["llm"],
+        tokenizer=sp_tokenizer_dirs[mode],
+        image=ImageConfig(size=32),
+        template="vicuna_v1",
+        max_length=200,
+    )
     torch.manual_seed(0)
     model = LlavaModel.from_config(config)
     assert model.tokenizer.is_fast and model.tokenizer.eos_token == "</s>"

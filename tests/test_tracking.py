@@ -41,8 +41,12 @@ def test_off_by_default_writes_nothing(tmp_path):
 
 
 def test_flatten_names_nested_fields():
-    assert flatten(PARAMS) == {"optim.lr": 0.002, "optim.betas": "[0.9, 0.999]", "data.train": '["s3://b/d"]',
-                               "init_from": None}
+    assert flatten(PARAMS) == {
+        "optim.lr": 0.002,
+        "optim.betas": "[0.9, 0.999]",
+        "data.train": '["s3://b/d"]',
+        "init_from": None,
+    }
 
 
 def test_tensorboard_event_files(tmp_path):
@@ -89,8 +93,11 @@ def test_mlflow_sqlite_store(tmp_path):
     assert [(m.step, m.value) for m in client.get_metric_history(run.run_id, "train/loss")] == [(1, 1.0), (2, 0.5)]
     assert found.data.metrics["eval/heldout/accuracy"] == 0.75
     listing = (tmp_path / "mlartifacts").rglob("checkpoints.txt")
-    assert next(listing).read_text().splitlines() == ["step\turi", f"1\t{run_dir}/checkpoint_1",
-                                                      f"2\t{run_dir}/checkpoint_2"]
+    assert next(listing).read_text().splitlines() == [
+        "step\turi",
+        f"1\t{run_dir}/checkpoint_1",
+        f"2\t{run_dir}/checkpoint_2",
+    ]
     assert start_run(config, run_dir, str(tmp_path / "runs"), "s1", PARAMS).run_id == run.run_id  # resume: same run
 
 
@@ -131,4 +138,5 @@ def test_pipeline_gives_both_stages_its_tracking_without_changing_what_they_comp
     assert pipeline().stage_tracking("stage1").backend == "none"
     wiring = {"data.train": [str(tmp_path / "data")]}
     assert tracked._train_config("stage1", PretrainConfig, wiring) == pipeline()._train_config(
-        "stage1", PretrainConfig, wiring)  # the manifest's fingerprint: switching tracking re-runs nothing
+        "stage1", PretrainConfig, wiring
+    )  # the manifest's fingerprint: switching tracking re-runs nothing

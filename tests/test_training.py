@@ -31,10 +31,19 @@ def digits(ray_local, tmp_path_factory):
 
 def demo_config(job, base_models, data_uri, storage_path, run_name, *overrides):
     base = [f"model.vision_tower={base_models['vision_tower']}", f"model.llm={base_models['llm']}"]
-    return load_train_config(job, preset="demo", overrides=[
-        *(base if job == "pretrain" or not any(o.startswith("init_from=") for o in overrides) else []),
-        f"data.train=[{data_uri}]", f"checkpoint.storage_path={storage_path}", f"checkpoint.run_name={run_name}",
-        "log_every_steps=1", "data.cache=false", *overrides])
+    return load_train_config(
+        job,
+        preset="demo",
+        overrides=[
+            *(base if job == "pretrain" or not any(o.startswith("init_from=") for o in overrides) else []),
+            f"data.train=[{data_uri}]",
+            f"checkpoint.storage_path={storage_path}",
+            f"checkpoint.run_name={run_name}",
+            "log_every_steps=1",
+            "data.cache=false",
+            *overrides,
+        ],
+    )
 
 
 def audit(directory: Path) -> tuple[list[dict], list[dict]]:
@@ -61,9 +70,19 @@ def test_stage1_then_stage2_on_s3_change_only_what_they_train(base_models, s3_se
     prepare_digits(f"{bucket}/digits")
     base = base_checksums(base_models)
 
-    stage1 = train(demo_config("pretrain", base_models, f"{bucket}/digits/stage1", f"{bucket}/runs", "stage1",
-                               "optim.max_steps=8", "checkpoint.every_steps=3", "checkpoint.keep=2",
-                               f"audit_dir={tmp_path / 'a1'}"))
+    stage1 = train(
+        demo_config(
+            "pretrain",
+            base_models,
+            f"{bucket}/digits/stage1",
+            f"{bucket}/runs",
+            "stage1",
+            "optim.max_steps=8",
+            "checkpoint.every_steps=3",
+            "checkpoint.keep=2",
+            f"audit_dir={tmp_path / 'a1'}",
+        )
+    )
     assert stage1.run_dir == f"{bucket}/runs/stage1" and stage1.steps == 8
     files = storage.list_files(stage1.run_dir)
     assert sum(f.endswith("hf/projector.safetensors") for f in files) == 2  # steps 3, 6, 8: the newest 2 kept
@@ -75,9 +94,19 @@ def test_stage1_then_stage2_on_s3_change_only_what_they_train(base_models, s3_se
     assert sums1[0]["checksums"]["projector"] != sums1[1]["checksums"]["projector"]
     assert stage1.metrics[-1]["loss"] < stage1.metrics[0]["loss"]
 
-    stage2 = train(demo_config("finetune", base_models, f"{bucket}/digits/stage2", f"{bucket}/runs", "stage2",
-                               f"init_from={stage1.run_dir}", "optim.max_steps=8", "optim.epochs=1",
-                               f"audit_dir={tmp_path / 'a2'}"))
+    stage2 = train(
+        demo_config(
+            "finetune",
+            base_models,
+            f"{bucket}/digits/stage2",
+            f"{bucket}/runs",
+            "stage2",
+            f"init_from={stage1.run_dir}",
+            "optim.max_steps=8",
+            "optim.epochs=1",
+            f"audit_dir={tmp_path / 'a2'}",
+        )
+    )
     assert stage2.model.startswith(f"{bucket}/runs/stage2/checkpoint_")
     _, sums2 = audit(tmp_path / "a2")
     final = sums2[-1]["checksums"]
@@ -92,10 +121,20 @@ def test_killed_worker_resumes_from_newest_checkpoint_without_gaps(base_models, 
     from llava.training.trainer import train
 
     runs, audit_dir = tmp_path / "runs", tmp_path / "audit"
-    config = demo_config("pretrain", base_models, digits / "stage1", runs, "killed", "data.micro_batch_size=8",
-                         "optim.global_batch_size=16", "checkpoint.every_steps=10", "checkpoint.keep=2",
-                         "checkpoint.max_failures=2",
-                         "log_every_steps=10", f"audit_dir={audit_dir}")
+    config = demo_config(
+        "pretrain",
+        base_models,
+        digits / "stage1",
+        runs,
+        "killed",
+        "data.micro_batch_size=8",
+        "optim.global_batch_size=16",
+        "checkpoint.every_steps=10",
+        "checkpoint.keep=2",
+        "checkpoint.max_failures=2",
+        "log_every_steps=10",
+        f"audit_dir={audit_dir}",
+    )
     killed = {}
 
     def registered_checkpoints():  # Ray Train's controller lists a checkpoint once every rank reported it
@@ -136,9 +175,18 @@ def test_rerunning_the_same_run_name_resumes(base_models, digits, ray_local, tmp
     from llava.training.trainer import train
 
     def run(max_steps):
-        return train(demo_config("pretrain", base_models, digits / "stage1", tmp_path / "runs", "again",
-                                 f"optim.max_steps={max_steps}", "checkpoint.every_steps=2",
-                                 f"audit_dir={tmp_path / 'audit'}"))
+        return train(
+            demo_config(
+                "pretrain",
+                base_models,
+                digits / "stage1",
+                tmp_path / "runs",
+                "again",
+                f"optim.max_steps={max_steps}",
+                "checkpoint.every_steps=2",
+                f"audit_dir={tmp_path / 'audit'}",
+            )
+        )
 
     first = run(4)
     assert first.steps == 4
@@ -153,9 +201,19 @@ def test_zero3_runs_and_saves_consolidated_weights(base_models, digits, ray_loca
     from llava.model import LlavaModel
     from llava.training.trainer import train
 
-    result = train(demo_config("finetune", base_models, digits / "stage2", tmp_path / "runs", "zero3",
-                               "deepspeed.zero_stage=3", "optim.max_steps=3", "optim.epochs=1",
-                               f"audit_dir={tmp_path / 'audit'}"))
+    result = train(
+        demo_config(
+            "finetune",
+            base_models,
+            digits / "stage2",
+            tmp_path / "runs",
+            "zero3",
+            "deepspeed.zero_stage=3",
+            "optim.max_steps=3",
+            "optim.epochs=1",
+            f"audit_dir={tmp_path / 'audit'}",
+        )
+    )
     assert result.steps == 3 and all(m["loss"] == m["loss"] for m in result.metrics)
     _, sums = audit(tmp_path / "audit")
     base = base_checksums(base_models)
@@ -173,9 +231,22 @@ def test_lora_trains_adapters_on_the_llm_and_exports_merged(base_models, digits,
     from llava.model import LlavaModel
     from llava.training.trainer import train
 
-    result = train(demo_config("finetune", base_models, digits / "stage2", tmp_path / "runs", "lora",
-                               "lora.enabled=true", "lora.r=8", "lora.alpha=16", "optim.max_steps=3",
-                               "optim.epochs=1", "optim.lr=5e-3", f"audit_dir={tmp_path / 'audit'}"))
+    result = train(
+        demo_config(
+            "finetune",
+            base_models,
+            digits / "stage2",
+            tmp_path / "runs",
+            "lora",
+            "lora.enabled=true",
+            "lora.r=8",
+            "lora.alpha=16",
+            "optim.max_steps=3",
+            "optim.epochs=1",
+            "optim.lr=5e-3",
+            f"audit_dir={tmp_path / 'audit'}",
+        )
+    )
     checkpoint = Path(result.model)
     assert (checkpoint / "llm_adapter" / "adapter_model.safetensors").exists() and not (checkpoint / "llm").exists()
     adapter = json.loads((checkpoint / "llm_adapter" / "adapter_config.json").read_text())
@@ -193,21 +264,22 @@ def test_lora_trains_adapters_on_the_llm_and_exports_merged(base_models, digits,
     batch = next(LengthGroupedBatcher(4, merged.tokenizer.pad_token_id, 32).batches(rows))
     with torch.no_grad():
         ours = merged(batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values).logits
-        theirs = hf_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                          pixel_values=batch.pixel_values).logits
+        theirs = hf_model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values
+        ).logits
     assert torch.allclose(ours, theirs, atol=1e-4)
 
 
 def test_lora_never_touches_the_vision_tower(base_models):
-    from llava.config import ImageConfig, ModelConfig
+    from llava.config import FreezeConfig, ImageConfig, ModelConfig
     from llava.freeze import apply_freeze
-    from llava.config import FreezeConfig
     from llava.model import LlavaModel
     from llava.training.config import LoraConfig
     from llava.training.lora import apply_lora
 
-    model = LlavaModel.from_config(ModelConfig(vision_tower=base_models["vision_tower"], llm=base_models["llm"],
-                                               image=ImageConfig(size=32)))
+    model = LlavaModel.from_config(
+        ModelConfig(vision_tower=base_models["vision_tower"], llm=base_models["llm"], image=ImageConfig(size=32))
+    )
     apply_freeze(model, FreezeConfig(preset="stage2"))
     # CLIP also has q_proj/k_proj/v_proj/out_proj: the adapters must still stay inside the LLM.
     apply_lora(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "k_proj", "v_proj"]))

@@ -35,9 +35,21 @@ def test_nonfinite_step_is_skipped_counted_and_tracked(base_models, digits, ray_
     from llava.training.trainer import train
 
     runs, audit_dir = tmp_path / "runs", tmp_path / "audit"
-    result = train(demo_config("pretrain", base_models, digits / "stage1", runs, "nan", "optim.max_steps=4",
-                               "checkpoint.every_steps=1", "checkpoint.keep=5", f"audit_dir={audit_dir}",
-                               "health.inject_nonfinite_steps=[2]", "tracking.backend=tensorboard"))
+    result = train(
+        demo_config(
+            "pretrain",
+            base_models,
+            digits / "stage1",
+            runs,
+            "nan",
+            "optim.max_steps=4",
+            "checkpoint.every_steps=1",
+            "checkpoint.keep=5",
+            f"audit_dir={audit_dir}",
+            "health.inject_nonfinite_steps=[2]",
+            "tracking.backend=tensorboard",
+        )
+    )
     assert result.steps == 4  # the run completes
     by_step = {m["step"]: m for m in result.metrics}
     assert [by_step[s]["skipped_steps"] for s in (1, 2, 3, 4)] == [0, 1, 0, 0]
@@ -51,8 +63,7 @@ def test_nonfinite_step_is_skipped_counted_and_tracked(base_models, digits, ray_
     log_dir = runs / "nan" / "tensorboard"  # what rank 0 and the driver sent to TensorBoard
     scalars = tensorboard_scalars(str(log_dir))
     assert sorted(scalars["train/loss"]) == [1, 2, 3, 4] and scalars["train/skipped_steps"][2] == 1
-    for name in ("lr", "grad_norm", "tokens_per_s", "samples_per_s", "step_time_s", "data_wait_s",
-                 "padding_fraction"):
+    for name in ("lr", "grad_norm", "tokens_per_s", "samples_per_s", "step_time_s", "data_wait_s", "padding_fraction"):
         assert scalars[f"train/{name}"][4] == pytest.approx(by_step[4][name]), name
     texts = tensorboard_texts(str(log_dir))
     assert "| optim.max_steps | 4 |" in texts["config"][0][1]
@@ -63,10 +74,21 @@ def test_nonfinite_steps_in_a_row_stop_the_run_with_a_clear_error(base_models, d
     from llava.training.trainer import train
 
     audit_dir = tmp_path / "audit"
-    config = demo_config("pretrain", base_models, digits / "stage1", tmp_path / "runs", "diverged",
-                         "optim.max_steps=6", "checkpoint.every_steps=1", "checkpoint.keep=5",
-                         "checkpoint.max_failures=0", f"audit_dir={audit_dir}", "deepspeed.zero_stage=0",
-                         "health.inject_nonfinite_steps=[2,3]", "health.max_consecutive_skips=2")
+    config = demo_config(
+        "pretrain",
+        base_models,
+        digits / "stage1",
+        tmp_path / "runs",
+        "diverged",
+        "optim.max_steps=6",
+        "checkpoint.every_steps=1",
+        "checkpoint.keep=5",
+        "checkpoint.max_failures=0",
+        f"audit_dir={audit_dir}",
+        "deepspeed.zero_stage=0",
+        "health.inject_nonfinite_steps=[2,3]",
+        "health.max_consecutive_skips=2",
+    )
     with pytest.raises(Exception, match="training diverged: 2 optimizer steps in a row"):
         train(config)
     weights = projector_by_step(audit_dir)  # ZeRO-0: our own check dropped the gradients of step 2
@@ -82,8 +104,13 @@ def test_deepspeed_skips_a_nonfinite_step_in_zero0_and_zero2():
 
     from tests.serve_fixtures import free_port
 
-    run = subprocess.run([sys.executable, "-m", "tests.health_drill", str(free_port())], capture_output=True,
-                         text=True, timeout=600, cwd=Path(__file__).resolve().parent.parent)
+    run = subprocess.run(
+        [sys.executable, "-m", "tests.health_drill", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(run.stdout.strip().splitlines()[-1])
     for zero in ("0", "2"):

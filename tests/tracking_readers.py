@@ -31,8 +31,12 @@ def tensorboard_texts(log_dir: str) -> dict[str, list[tuple[int, str]]]:
 
     acc = EventAccumulator(log_dir, size_guidance={"tensors": 0})
     acc.Reload()
-    return {tag.removesuffix("/text_summary"): [(e.step, tensor_util.make_ndarray(e.tensor_proto).item().decode())
-                                                for e in acc.Tensors(tag)] for tag in acc.Tags()["tensors"]}
+    return {
+        tag.removesuffix("/text_summary"): [
+            (e.step, tensor_util.make_ndarray(e.tensor_proto).item().decode()) for e in acc.Tensors(tag)
+        ]
+        for tag in acc.Tags()["tensors"]
+    }
 
 
 def wandb_records(path: Path) -> list:
@@ -45,8 +49,8 @@ def wandb_records(path: Path) -> list:
         if BLOCK - pos % BLOCK < HEADER:  # the rest of a block too short for a header is padding
             pos += BLOCK - pos % BLOCK
             continue
-        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
-        chunk, pos = data[pos + HEADER:pos + HEADER + length], pos + HEADER + length
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        chunk, pos = data[pos + HEADER : pos + HEADER + length], pos + HEADER + length
         if kind == 0:
             continue
         pending += chunk

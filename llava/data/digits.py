@@ -39,8 +39,7 @@ def digit_png(pixels: np.ndarray, size: int = IMAGE_SIZE) -> bytes:
 
 def _instruction_turns(digit: int, rng: random.Random) -> list[dict]:
     qa = [
-        (rng.choice(["What digit is shown in the image?", "Which number is written here?", EVAL_QUESTION]),
-         str(digit)),
+        (rng.choice(["What digit is shown in the image?", "Which number is written here?", EVAL_QUESTION]), str(digit)),
         ("Is the number even or odd?", "even" if digit % 2 == 0 else "odd"),
         ("What digit comes next?", str((digit + 1) % 10)),
     ]
@@ -49,7 +48,11 @@ def _instruction_turns(digit: int, rng: random.Random) -> list[dict]:
     chosen = [first] + rest[: rng.randint(0, 2)]
     turns = []
     for i, (question, answer) in enumerate(chosen):
-        value = (f"{IMAGE_TOKEN}\n{question}" if rng.random() < 0.5 else f"{question}\n{IMAGE_TOKEN}") if i == 0 else question
+        value = (
+            (f"{IMAGE_TOKEN}\n{question}" if rng.random() < 0.5 else f"{question}\n{IMAGE_TOKEN}")
+            if i == 0
+            else question
+        )
         turns += [{"from": "human", "value": value}, {"from": "gpt", "value": answer}]
     return turns
 
@@ -67,11 +70,26 @@ def build_digits(seed: int = 0) -> dict[str, list[dict]]:
         digit, png = int(digits.target[index]), digit_png(digits.images[index])
         caption = f"A handwritten digit {WORDS[digit]} ({digit})."
         row = {"image_refs": None, "images": [png], "source": "digits"}
-        splits["stage1"].append({**row, "id": f"digits-{index}", "conversations": json.dumps(caption_conversation(str(index), caption, seed))})
-        splits["stage2"].append({**row, "id": f"digits-{index}", "conversations": json.dumps(_instruction_turns(digit, rng))})
+        splits["stage1"].append(
+            {
+                **row,
+                "id": f"digits-{index}",
+                "conversations": json.dumps(caption_conversation(str(index), caption, seed)),
+            }
+        )
+        splits["stage2"].append(
+            {**row, "id": f"digits-{index}", "conversations": json.dumps(_instruction_turns(digit, rng))}
+        )
     for index in heldout:
         digit = int(digits.target[index])
         turns = [{"from": "human", "value": f"{IMAGE_TOKEN}\n{EVAL_QUESTION}"}, {"from": "gpt", "value": str(digit)}]
-        splits["eval"].append({"id": f"digits-{index}", "image_refs": None, "images": [digit_png(digits.images[index])],
-                               "conversations": json.dumps(turns), "source": "digits"})
+        splits["eval"].append(
+            {
+                "id": f"digits-{index}",
+                "image_refs": None,
+                "images": [digit_png(digits.images[index])],
+                "conversations": json.dumps(turns),
+                "source": "digits",
+            }
+        )
     return splits

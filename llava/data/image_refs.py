@@ -59,14 +59,14 @@ class ImageAccess:
             candidate = ref if absolute else f"{self.root.rstrip('/')}/{ref}"
             if not storage.is_s3(candidate):
                 raise self._outside(ref)
-            bucket, _, key = candidate[len("s3://"):].partition("/")
+            bucket, _, key = candidate[len("s3://") :].partition("/")
             path = "s3://" + bucket + "/" + posixpath.normpath("/" + key).lstrip("/")
             root = self.root.rstrip("/")
         else:
             if storage.is_s3(ref) or ref.startswith("~"):
                 raise self._outside(ref)
             root = os.path.normpath(storage.filesystem(self.root)[1])
-            local = ref[len("file://"):] if ref.startswith("file://") else ref
+            local = ref[len("file://") :] if ref.startswith("file://") else ref
             path = os.path.normpath(os.path.join(root, local))  # an absolute `local` replaces root
         if not _inside(path, root) or path == root:
             raise self._outside(ref)
@@ -75,15 +75,17 @@ class ImageAccess:
     def _outside(self, ref: str) -> ImageRefRejected:
         return ImageRefRejected(
             "image_outside_root",
-            f"{ref!r} is not inside the images root {self.root} (pass --allow-images-outside-root to follow it)")
+            f"{ref!r} is not inside the images root {self.root} (pass --allow-images-outside-root to follow it)",
+        )
 
     def read(self, uri: str) -> bytes:
         """The bytes at an already resolved ``uri``, at most ``max_bytes``. Raises ImageRefRejected(image_too_large)."""
         try:
             return storage.read_bytes(uri, max_bytes=self.max_bytes)
         except storage.TooLargeError as error:
-            raise ImageRefRejected("image_too_large", f"{uri}: more than {self.max_bytes} bytes "
-                                   "(raise --max-image-bytes to accept it)") from error
+            raise ImageRefRejected(
+                "image_too_large", f"{uri}: more than {self.max_bytes} bytes (raise --max-image-bytes to accept it)"
+            ) from error
 
     def size(self, uri: str) -> Optional[int]:
         """The stored size of an already resolved ``uri``, or None when it cannot be found."""

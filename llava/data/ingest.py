@@ -176,8 +176,9 @@ def ingest(
     log.info("ingesting %s -> %s (about %d rows per shard)", ", ".join(sources), attempt.shards_uri, shard_rows)
     with Progress("prepare", unit="rows", logger=log) as progress:  # a bar on a terminal, else a line every 10 s
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            write = pool.submit(rows.write_parquet, path, filesystem=fs, min_rows_per_file=shard_rows,
-                                max_rows_per_file=shard_rows)
+            write = pool.submit(
+                rows.write_parquet, path, filesystem=fs, min_rows_per_file=shard_rows, max_rows_per_file=shard_rows
+            )
             while True:
                 try:
                     write.result(timeout=1.0)  # raises the write's own error, if any
@@ -194,6 +195,11 @@ def ingest(
             log.warning("skipped (%s): %s", reason, text)
     if not manifest.rows:
         log.warning("%s: no row could be used; the dataset is empty", attempt.dataset_uri)
-    log.info("wrote %d rows in %d shard(s) to %s; skipped %s", manifest.rows, len(manifest.shards),
-             attempt.dataset_uri, skipped or "none")
+    log.info(
+        "wrote %d rows in %d shard(s) to %s; skipped %s",
+        manifest.rows,
+        len(manifest.shards),
+        attempt.dataset_uri,
+        skipped or "none",
+    )
     return manifest

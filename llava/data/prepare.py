@@ -21,8 +21,14 @@ from llava.data.sources import read_caption_pairs, read_raw_chunks, stage_llava_
 log = logging.getLogger(__name__)
 
 
-def prepare_llava_json(json_uri: str, images_uri: str, out_uri: str, source: str | None = None,
-                       config: IngestConfig | None = None, overwrite: bool = False) -> Manifest:
+def prepare_llava_json(
+    json_uri: str,
+    images_uri: str,
+    out_uri: str,
+    source: str | None = None,
+    config: IngestConfig | None = None,
+    overwrite: bool = False,
+) -> Manifest:
     """A LLaVA JSON array (image paths relative to `images_uri`) -> the dataset at `out_uri`."""
     source = source or json_uri.rstrip("/").rsplit("/", 1)[-1].removesuffix(".json")
     storage.check_reachable(images_uri)
@@ -35,9 +41,17 @@ def prepare_llava_json(json_uri: str, images_uri: str, out_uri: str, source: str
     return manifest
 
 
-def prepare_captions(pairs_uri: str, images_uri: str, out_uri: str, seed: int = 0, source: str = "captions",
-                     image_column: str = "image", caption_column: str = "caption",
-                     config: IngestConfig | None = None, overwrite: bool = False) -> Manifest:
+def prepare_captions(
+    pairs_uri: str,
+    images_uri: str,
+    out_uri: str,
+    seed: int = 0,
+    source: str = "captions",
+    image_column: str = "image",
+    caption_column: str = "caption",
+    config: IngestConfig | None = None,
+    overwrite: bool = False,
+) -> Manifest:
     """Image-caption pairs (JSONL / CSV / parquet) -> a stage-1 dataset at `out_uri`."""
     storage.check_reachable(images_uri)
     attempt = publish.begin(out_uri, overwrite)
@@ -45,14 +59,16 @@ def prepare_captions(pairs_uri: str, images_uri: str, out_uri: str, seed: int = 
     return ingest(raw, attempt, [pairs_uri, images_uri], images_uri, config, extra={"seed": seed})
 
 
-def prepare_digits(out_uri: str, seed: int = 0, config: IngestConfig | None = None,
-                   overwrite: bool = False) -> dict[str, Manifest]:
+def prepare_digits(
+    out_uri: str, seed: int = 0, config: IngestConfig | None = None, overwrite: bool = False
+) -> dict[str, Manifest]:
     """out/stage1, out/stage2, out/eval (all three are checked before anything is written)."""
     splits = build_digits(seed)
     attempts = {split: publish.begin(storage.join(out_uri, split), overwrite) for split in splits}
     manifests = {}
     for split, rows in splits.items():
         raw = ray.data.from_arrow(pa.Table.from_pylist(rows, schema=RAW_SCHEMA))
-        manifests[split] = ingest(raw, attempts[split], ["sklearn.datasets.load_digits"], None, config,
-                                  extra={"seed": seed, "split": split})
+        manifests[split] = ingest(
+            raw, attempts[split], ["sklearn.datasets.load_digits"], None, config, extra={"seed": seed, "split": split}
+        )
     return manifests

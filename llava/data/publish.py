@@ -72,7 +72,8 @@ def begin(dataset_uri: str, overwrite: bool = False) -> Attempt:
         existing = Manifest.read(dataset_uri)
         raise DatasetExistsError(
             f"{dataset_uri}: already holds a dataset ({existing.rows} rows, created {existing.created}); "
-            "pass --overwrite (overwrite=True) to replace it, or choose another output")
+            "pass --overwrite (overwrite=True) to replace it, or choose another output"
+        )
     name = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
     base = dataset_uri.rstrip("/") if storage.is_s3(dataset_uri) else storage.filesystem(dataset_uri)[1]
     return Attempt(base, name)
@@ -82,7 +83,7 @@ def publish(attempt: Attempt, manifest: Manifest) -> Manifest:
     """Point the dataset at `attempt`'s shards (manifest written last), then delete what no reader needs."""
     shards = attempt.shards()
     base = attempt.dataset_uri
-    manifest.shards = [uri[len(base):].lstrip("/") for uri in shards]
+    manifest.shards = [uri[len(base) :].lstrip("/") for uri in shards]
     manifest.rows = sum(parquet_rows(uri) for uri in shards)
     manifest.extra = {**manifest.extra, "attempt": attempt.name}
     previous = Manifest.read(base) if storage.exists(storage.join(base, MANIFEST_FILE)) else None
@@ -98,7 +99,7 @@ def _attempt_names(dataset_uri: str) -> set[str]:
     except (FileNotFoundError, storage.StorageError):
         return set()
     prefix = (root if storage.is_s3(root) else storage.filesystem(root)[1]).rstrip("/") + "/"
-    return {uri[len(prefix):].split("/", 1)[0] for uri in files if uri.startswith(prefix)}
+    return {uri[len(prefix) :].split("/", 1)[0] for uri in files if uri.startswith(prefix)}
 
 
 def _clean_up(attempt: Attempt, previous: Manifest | None) -> None:
@@ -107,7 +108,9 @@ def _clean_up(attempt: Attempt, previous: Manifest | None) -> None:
     that no manifest ever listed are left alone: the directory may hold the user's own files."""
     for name in sorted(_attempt_names(attempt.dataset_uri)):
         if name < attempt.name:
-            log.info("removing %s (an earlier or interrupted attempt)", storage.join(attempt.dataset_uri, ATTEMPTS_DIR, name))
+            log.info(
+                "removing %s (an earlier or interrupted attempt)", storage.join(attempt.dataset_uri, ATTEMPTS_DIR, name)
+            )
             storage.remove(storage.join(attempt.dataset_uri, ATTEMPTS_DIR, name))
     for rel in previous.shards if previous else []:
         if not rel.startswith(ATTEMPTS_DIR + "/") and ".." not in rel.split("/"):

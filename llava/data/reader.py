@@ -25,8 +25,9 @@ import itertools
 import json
 import random
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -95,12 +96,19 @@ def make_model_ready(batch: pa.Table, model_config: dict, num_image_tokens: int,
     ids, input_ids, labels, pixels, num_images = [], [], [], [], []
     skipped, examples = Counter(), []
     no_pixels = np.zeros(0, np.uint8)
-    columns = zip(batch.column("id").to_pylist(), batch.column("images").to_pylist(), batch.column("conversations").to_pylist())
+    columns = zip(
+        batch.column("id").to_pylist(), batch.column("images").to_pylist(), batch.column("conversations").to_pylist()
+    )
     for row_id, images, conversations in columns:
         images = images or []
         try:
             sample = tokenize_conversation(
-                json.loads(conversations), tokenizer, config.template, num_image_tokens, config.max_length, len(images),
+                json.loads(conversations),
+                tokenizer,
+                config.template,
+                num_image_tokens,
+                config.max_length,
+                len(images),
                 config.image_placement,
             )
             row_pixels = [load_pixels_uint8(data, config.image) for data in images[: sample.num_images]]
@@ -154,7 +162,11 @@ def read_shards(batch: pa.Table, filesystem, columns: list[str], rows: int) -> I
 
 
 def model_ready_dataset(
-    uris: Iterable[str], model_config: ModelConfig, num_image_tokens: int, counter=None, batch_size: int = 32,
+    uris: Iterable[str],
+    model_config: ModelConfig,
+    num_image_tokens: int,
+    counter=None,
+    batch_size: int = 32,
     rows_per_block: Optional[int] = None,
 ) -> ray.data.Dataset:
     """A Ray Dataset of model-ready rows (READY_SCHEMA) from parquet datasets or shards.
@@ -176,14 +188,22 @@ def model_ready_dataset(
     paths = [storage.filesystem(s)[1] for s in shards]
     rows = rows_per_block or max(batch_size, ROWS_PER_BLOCK)
     ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths))
-    ds = ds.map_batches(read_shards, batch_format="pyarrow", batch_size=1,
-                        fn_kwargs={"filesystem": fs, "columns": SOURCE_COLUMNS, "rows": rows})
+    ds = ds.map_batches(
+        read_shards,
+        batch_format="pyarrow",
+        batch_size=1,
+        fn_kwargs={"filesystem": fs, "columns": SOURCE_COLUMNS, "rows": rows},
+    )
     ds = ds.repartition(target_num_rows_per_block=rows)
     ds = ds.map_batches(
         make_model_ready,
         batch_format="pyarrow",
         batch_size=batch_size,
-        fn_kwargs={"model_config": config_to_dict(model_config), "num_image_tokens": num_image_tokens, "counter": counter},
+        fn_kwargs={
+            "model_config": config_to_dict(model_config),
+            "num_image_tokens": num_image_tokens,
+            "counter": counter,
+        },
     )
     # Settings on this dataset's own DataContext (a copy; the process-wide one is untouched):
     # - small output blocks stream a task's first rows out long before the task ends, so big
@@ -210,8 +230,10 @@ def _row_uint8(row: dict, image_size: int) -> np.ndarray:
     count = int(row["num_images"])
     array = np.frombuffer(row["pixels_uint8"], dtype=np.uint8)
     if array.size != count * 3 * image_size * image_size:
-        raise ValueError(f"row {row.get('id')!r}: {array.size} pixel bytes do not hold {count} image(s) of "
-                         f"3x{image_size}x{image_size}; is image_size the ImageConfig.size the rows were made with?")
+        raise ValueError(
+            f"row {row.get('id')!r}: {array.size} pixel bytes do not hold {count} image(s) of "
+            f"3x{image_size}x{image_size}; is image_size the ImageConfig.size the rows were made with?"
+        )
     return array.reshape(count, 3, image_size, image_size)
 
 
@@ -244,9 +266,15 @@ def collate(rows: list[dict], pad_token_id: int, image_size: int) -> Batch:
             stop = start + counts[i]
             normalise_pixels(_row_uint8(row, image_size), row["pixel_mean"], row["pixel_std"], out=pixels[start:stop])
             start = stop
-    return Batch([str(r["id"]) for r in rows], torch.from_numpy(input_ids), torch.from_numpy(labels),
-                 torch.from_numpy(attention), None if pixels is None else torch.from_numpy(pixels),
-                 sum(lengths), size * length)
+    return Batch(
+        [str(r["id"]) for r in rows],
+        torch.from_numpy(input_ids),
+        torch.from_numpy(labels),
+        torch.from_numpy(attention),
+        None if pixels is None else torch.from_numpy(pixels),
+        sum(lengths),
+        size * length,
+    )
 
 
 class LengthGroupedBatcher:
@@ -260,8 +288,16 @@ class LengthGroupedBatcher:
     Batches come from `collate` (float32 normalised pixels; see there).
     """
 
-    def __init__(self, batch_size: int, pad_token_id: int, image_size: int, window_batches: int = 16,
-                 seed: int = 0, group_by_length: bool = True, first_window_batches: int = 2):
+    def __init__(
+        self,
+        batch_size: int,
+        pad_token_id: int,
+        image_size: int,
+        window_batches: int = 16,
+        seed: int = 0,
+        group_by_length: bool = True,
+        first_window_batches: int = 2,
+    ):
         self.batch_size = batch_size
         self.pad_token_id = pad_token_id
         self.image_size = image_size

@@ -53,7 +53,7 @@ class Manifest:
         return uri
 
     @classmethod
-    def read(cls, dataset_uri: str) -> "Manifest":
+    def read(cls, dataset_uri: str) -> Manifest:
         return cls(**json.loads(storage.read_text(storage.join(dataset_uri, MANIFEST_FILE))))
 
 
@@ -68,14 +68,16 @@ def shard_uris(dataset_uri: str) -> list[str]:
     if storage.exists(storage.join(base, MANIFEST_FILE)):
         manifest = Manifest.read(base)
         if not manifest.shards:
-            raise FileNotFoundError(f"{dataset_uri}: the dataset holds no rows (its manifest lists no shards; "
-                                    f"skipped rows: {manifest.skipped or 'none'})")
+            raise FileNotFoundError(
+                f"{dataset_uri}: the dataset holds no rows (its manifest lists no shards; "
+                f"skipped rows: {manifest.skipped or 'none'})"
+            )
         return [storage.join(base, rel) for rel in manifest.shards]
     listed = base if storage.is_s3(base) else storage.filesystem(base)[1]  # list_files' absolute form
     shards = [
         uri
         for uri in storage.list_files(dataset_uri, suffix=".parquet")
-        if not any(part.startswith(("_", ".")) for part in uri[len(listed):].split("/") if part)
+        if not any(part.startswith(("_", ".")) for part in uri[len(listed) :].split("/") if part)
     ]
     if not shards:
         raise FileNotFoundError(f"{dataset_uri}: no parquet shards found")

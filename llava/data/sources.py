@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import random
-from typing import Iterator
+from collections.abc import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -49,7 +49,13 @@ class InputError(ValueError):
 
 def _raw_from_llava_item(item, index: int, source: str) -> dict:
     if not isinstance(item, dict):
-        return {"id": f"{source}-{index}", "image_refs": None, "images": None, "conversations": "null", "source": source}
+        return {
+            "id": f"{source}-{index}",
+            "image_refs": None,
+            "images": None,
+            "conversations": "null",
+            "source": source,
+        }
     image = item.get("image")
     refs = [image] if isinstance(image, str) else (list(image) if isinstance(image, list) else None)
     conversations = item.get("conversations")
@@ -116,22 +122,35 @@ def caption_conversation(sample_id: str, caption: str, seed: int) -> list[dict]:
     return [{"from": "human", "value": question}, {"from": "gpt", "value": caption}]
 
 
-def _caption_batch(batch: pa.Table, image_column: str, caption_column: str, id_column: str | None, seed: int, source: str):
+def _caption_batch(
+    batch: pa.Table, image_column: str, caption_column: str, id_column: str | None, seed: int, source: str
+):
     rows = []
-    for i, row in enumerate(batch.to_pylist()):
+    for row in batch.to_pylist():
         image, caption = row.get(image_column), row.get(caption_column)
         sample_id = str(row[id_column]) if id_column and row.get(id_column) is not None else str(image)
         if not isinstance(caption, str) or not caption.strip() or not isinstance(image, str):
             conversations = "null"  # counted as bad_conversation by ingest
         else:
             conversations = json.dumps(caption_conversation(sample_id, caption.strip(), seed))
-        rows.append({"id": sample_id, "image_refs": [image] if isinstance(image, str) else None, "images": None,
-                     "conversations": conversations, "source": source})
+        rows.append(
+            {
+                "id": sample_id,
+                "image_refs": [image] if isinstance(image, str) else None,
+                "images": None,
+                "conversations": conversations,
+                "source": source,
+            }
+        )
     return pa.Table.from_pylist(rows, schema=RAW_SCHEMA)
 
 
 def read_caption_pairs(
-    pairs_uri: str, seed: int, source: str, image_column: str = "image", caption_column: str = "caption",
+    pairs_uri: str,
+    seed: int,
+    source: str,
+    image_column: str = "image",
+    caption_column: str = "caption",
     id_column: str | None = "id",
 ) -> ray.data.Dataset:
     """JSONL / CSV / parquet of (image path, caption) -> raw rows with stage-1 conversations."""
@@ -152,6 +171,11 @@ def read_caption_pairs(
     return ds.map_batches(
         _caption_batch,
         batch_format="pyarrow",
-        fn_kwargs={"image_column": image_column, "caption_column": caption_column,
-                   "id_column": id_column if id_column in columns else None, "seed": seed, "source": source},
+        fn_kwargs={
+            "image_column": image_column,
+            "caption_column": caption_column,
+            "id_column": id_column if id_column in columns else None,
+            "seed": seed,
+            "source": source,
+        },
     )

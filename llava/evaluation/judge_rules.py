@@ -40,13 +40,13 @@ _WILD_CONTEXT = (
 )
 _FOCUS = {
     "conv": "The question has a definite answer. Judge first whether each answer is correct and on topic, "
-            "then how helpful and clear it is.",
+    "then how helpful and clear it is.",
     "detail": "The user asked for a detailed description. Judge how accurate each description is (nothing "
-              "invented that the description above does not support), how complete it is, and how well it "
-              "is organised.",
+    "invented that the description above does not support), how complete it is, and how well it "
+    "is organised.",
     "complex": "The question needs reasoning beyond what is directly visible. Judge whether each answer's "
-               "reasoning is sound and agrees with the description above, and whether its conclusion is "
-               "helpful and accurate.",
+    "reasoning is sound and agrees with the description above, and whether its conclusion is "
+    "helpful and accurate.",
 }
 _SCORING = (
     "Give each assistant one overall score from 1 to 10, higher meaning better, weighing helpfulness, "
@@ -76,13 +76,15 @@ def load_rules(uri: str) -> dict[str, JudgeRule]:
     try:
         data = json.loads(storage.read_text(uri))
     except json.JSONDecodeError as error:
-        raise ValueError(f"{uri}: not JSON ({error}); expected {{category: {{\"role\", \"prompt\"}}}}") from None
+        raise ValueError(f'{uri}: not JSON ({error}); expected {{category: {{"role", "prompt"}}}}') from None
     if not isinstance(data, dict) or not data:
-        raise ValueError(f"{uri}: expected a JSON object {{category: {{\"role\", \"prompt\"}}}}")
+        raise ValueError(f'{uri}: expected a JSON object {{category: {{"role", "prompt"}}}}')
     rules = {}
     for category, entry in data.items():
-        if not (isinstance(entry, dict) and isinstance(entry.get("role"), str) and isinstance(entry.get("prompt"), str)):
-            raise ValueError(f"{uri}: rule {category!r} must be an object with string fields \"role\" and \"prompt\"")
+        if not (
+            isinstance(entry, dict) and isinstance(entry.get("role"), str) and isinstance(entry.get("prompt"), str)
+        ):
+            raise ValueError(f'{uri}: rule {category!r} must be an object with string fields "role" and "prompt"')
         rules[category] = JudgeRule(entry["role"], entry["prompt"])
     return rules
 
@@ -91,11 +93,14 @@ def rule_category(question: dict, context: dict) -> str:
     """The rule key of one question: its category (COCO) or llava_bench_<category> (In-the-Wild)."""
     category = question.get("category")
     if not category:
-        raise ValueError(f"question {question.get('question_id')!r} has no category (LLaVA-Bench questions carry "
-                         f"conv, detail or complex)")
+        raise ValueError(
+            f"question {question.get('question_id')!r} has no category (LLaVA-Bench questions carry "
+            f"conv, detail or complex)"
+        )
     if "captions" in context:
         return category
     if "caption" in context:
         return IN_THE_WILD_PREFIX + category
-    raise ValueError(f"context of image {context.get('image')!r} has neither `caption` (In-the-Wild) nor "
-                     f"`captions` (COCO)")
+    raise ValueError(
+        f"context of image {context.get('image')!r} has neither `caption` (In-the-Wild) nor `captions` (COCO)"
+    )

@@ -78,9 +78,11 @@ def context_text(context: dict) -> str:
 
 def judge_request(context: str, question: str, reference: str, answer: str, rule: JudgeRule) -> list[dict]:
     role = rule.role
-    content = (f"[Context]\n{context}\n\n[Question]\n{question}\n\n"
-               f"[{role} 1]\n{reference}\n\n[End of {role} 1]\n\n"
-               f"[{role} 2]\n{answer}\n\n[End of {role} 2]\n\n[System]\n{rule.prompt}\n\n")
+    content = (
+        f"[Context]\n{context}\n\n[Question]\n{question}\n\n"
+        f"[{role} 1]\n{reference}\n\n[End of {role} 1]\n\n"
+        f"[{role} 2]\n{answer}\n\n[End of {role} 2]\n\n[System]\n{rule.prompt}\n\n"
+    )
     return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": content}]
 
 
@@ -112,15 +114,24 @@ def official_scores(review: str) -> tuple[float, float]:
 
 def _summary(pairs: list[tuple[float, float]], unparsable: int, round_means: bool) -> dict:
     if not pairs:
-        return {"relative_score": None, "reference_mean": None, "ours_mean": None, "reviews": 0,
-                "unparsable": unparsable}
+        return {
+            "relative_score": None,
+            "reference_mean": None,
+            "ours_mean": None,
+            "reviews": 0,
+            "unparsable": unparsable,
+        }
     reference = sum(p[0] for p in pairs) / len(pairs)
     ours = sum(p[1] for p in pairs) / len(pairs)
     if round_means:  # the official script rounds the means before dividing
         reference, ours = round(reference, 3), round(ours, 3)
-    return {"relative_score": round(ours / reference * 100, 1) if reference else None,
-            "reference_mean": round(reference, 3), "ours_mean": round(ours, 3),
-            "reviews": len(pairs), "unparsable": unparsable}
+    return {
+        "relative_score": round(ours / reference * 100, 1) if reference else None,
+        "reference_mean": round(reference, 3),
+        "ours_mean": round(ours, 3),
+        "reviews": len(pairs),
+        "unparsable": unparsable,
+    }
 
 
 def relative_scores(reviews: list[dict]) -> dict:
@@ -134,8 +145,9 @@ def relative_scores(reviews: list[dict]) -> dict:
         else:
             by_category[r["category"]].append(tuple(r["scores"]))
     result = {c: _summary(p, unparsable.get(c, 0), round_means=False) for c, p in sorted(by_category.items())}
-    result["overall"] = _summary([p for ps in by_category.values() for p in ps], sum(unparsable.values()),
-                                 round_means=False)
+    result["overall"] = _summary(
+        [p for ps in by_category.values() for p in ps], sum(unparsable.values()), round_means=False
+    )
     return result
 
 
@@ -173,14 +185,17 @@ def evaluate_llava_bench(config: LlavaBenchConfig) -> dict:
     references = {str(r["question_id"]): r["text"] for r in _jsonl(config.references)}
     missing = [qid for qid, q in questions.items() if qid not in references or q["image"] not in contexts]
     if missing:
-        raise ValueError(f"questions {missing[:5]} have no reference answer in {config.references} "
-                         f"or no context in {config.context}")
+        raise ValueError(
+            f"questions {missing[:5]} have no reference answer in {config.references} or no context in {config.context}"
+        )
     rules = load_rules(config.rules) if config.rules else DEFAULT_RULES
     rule_of = {qid: rule_category(q, contexts[q["image"]]) for qid, q in questions.items()}
     unruled = sorted(set(rule_of.values()) - rules.keys())
     if unruled:  # checked before any inference or judge call
-        raise ValueError(f"no judge rule for categor{'y' if len(unruled) == 1 else 'ies'} {', '.join(unruled)} in "
-                         f"{config.rules or 'the default rules'} (it has {', '.join(sorted(rules))})")
+        raise ValueError(
+            f"no judge rule for categor{'y' if len(unruled) == 1 else 'ies'} {', '.join(unruled)} in "
+            f"{config.rules or 'the default rules'} (it has {', '.join(sorted(rules))})"
+        )
     images = config.images or storage.join(config.questions.rsplit("/", 1)[0], "images")
     infer = InferConfig(**{**config.infer.__dict__, "questions": config.questions, "images": images})
     run_batch_inference(infer)
@@ -190,37 +205,52 @@ def evaluate_llava_bench(config: LlavaBenchConfig) -> dict:
     requests = {}
     for qid, q in questions.items():
         answer = answers[qid]["answer"] if answers[qid]["answer"] is not None else ""
-        messages = judge_request(context_text(contexts[q["image"]]), q["text"], references[qid], answer,
-                                 rules[rule_of[qid]])
+        messages = judge_request(
+            context_text(contexts[q["image"]]), q["text"], references[qid], answer, rules[rule_of[qid]]
+        )
         requests[qid] = (ReviewCache.key(config.judge.model, messages), messages)
     todo = {qid: r for qid, r in requests.items() if r[0] not in cache.entries}
-    log.info("LLaVA-Bench: %d questions, %d reviews cached, asking the judge (%s at %s) for %d; rules from %s",
-             len(questions), len(requests) - len(todo), config.judge.model, config.judge.url, len(todo),
-             config.rules or "the defaults")
+    log.info(
+        "LLaVA-Bench: %d questions, %d reviews cached, asking the judge (%s at %s) for %d; rules from %s",
+        len(questions),
+        len(requests) - len(todo),
+        config.judge.model,
+        config.judge.url,
+        len(todo),
+        config.rules or "the defaults",
+    )
 
     def review(item):
         qid, (key, messages) = item
         text = client.complete(messages)
-        return key, {"key": key, "question_id": qid, "rule": rule_of[qid], "review": text,
-                     "scores": parse_scores(text)}
+        return key, {"key": key, "question_id": qid, "rule": rule_of[qid], "review": text, "scores": parse_scores(text)}
 
     try:
-        with ThreadPoolExecutor(max(1, config.judge.concurrency)) as pool, \
-                Progress("eval: judge", len(todo), "reviews", logger=log) as progress:  # a bar on a terminal
+        with (
+            ThreadPoolExecutor(max(1, config.judge.concurrency)) as pool,
+            Progress("eval: judge", len(todo), "reviews", logger=log) as progress,
+        ):  # a bar on a terminal
             for key, entry in pool.map(review, todo.items()):
                 cache.entries[key] = entry
                 progress.update(1)
     finally:
         cache.save()  # whatever was reviewed is kept for the next run, even when a call failed for good
 
-    reviews = [{**cache.entries[key], "category": questions[qid]["category"], "rule": rule_of[qid]}
-               for qid, (key, _) in requests.items()]
+    reviews = [
+        {**cache.entries[key], "category": questions[qid]["category"], "rule": rule_of[qid]}
+        for qid, (key, _) in requests.items()
+    ]
     scores, official = relative_scores(reviews), official_relative_scores(reviews)
     storage.write_text(storage.join(out, SCORES_FILE), json.dumps(scores, indent=2))
     storage.write_text(storage.join(out, OFFICIAL_SCORES_FILE), json.dumps(official, indent=2))
-    log.info("LLaVA-Bench relative score %s (ours %s / reference %s; %d unparsable reviews left out); computed "
-             "the official way (unparsable as -1): %s; scores in %s", scores["overall"]["relative_score"],
-             scores["overall"]["ours_mean"], scores["overall"]["reference_mean"], scores["overall"]["unparsable"],
-             official["all"]["relative_score"], storage.join(out, SCORES_FILE))
-    return {"scores": scores, "official": official, "asked": len(todo), "cached": len(requests) - len(todo),
-            "out": out}
+    log.info(
+        "LLaVA-Bench relative score %s (ours %s / reference %s; %d unparsable reviews left out); computed "
+        "the official way (unparsable as -1): %s; scores in %s",
+        scores["overall"]["relative_score"],
+        scores["overall"]["ours_mean"],
+        scores["overall"]["reference_mean"],
+        scores["overall"]["unparsable"],
+        official["all"]["relative_score"],
+        storage.join(out, SCORES_FILE),
+    )
+    return {"scores": scores, "official": official, "asked": len(todo), "cached": len(requests) - len(todo), "out": out}

@@ -56,11 +56,20 @@ ANSWER_INSTRUCTION = "Answer with the option's letter from the given choices dir
 PROMPT_FORMATS = ("CQM-A", "QCM-LEA")
 # As written in the official scorer: the final "." matches any character but a newline.
 _ANSWER_IS = re.compile(r"The answer is ([A-Z]).")
-PROBLEM_SCHEMA = pa.schema([
-    ("pid", pa.string()), ("question", pa.string()), ("choices", pa.list_(pa.string())), ("answer", pa.int64()),
-    ("hint", pa.string()), ("subject", pa.string()), ("grade", pa.string()), ("image", pa.binary()),
-    ("lecture", pa.string()), ("solution", pa.string()),
-])
+PROBLEM_SCHEMA = pa.schema(
+    [
+        ("pid", pa.string()),
+        ("question", pa.string()),
+        ("choices", pa.list_(pa.string())),
+        ("answer", pa.int64()),
+        ("hint", pa.string()),
+        ("subject", pa.string()),
+        ("grade", pa.string()),
+        ("image", pa.binary()),
+        ("lecture", pa.string()),
+        ("solution", pa.string()),
+    ]
+)
 
 
 def _eval_infer() -> InferConfig:
@@ -121,7 +130,9 @@ def build_prompt(problem: dict, prompt_format: str = "CQM-A") -> str:
         lines.append(ANSWER_INSTRUCTION)
         prompt = "\n".join(lines)
     else:
-        raise ValueError(f"unknown ScienceQA prompt format {prompt_format!r}; choose one of {', '.join(PROMPT_FORMATS)}")
+        raise ValueError(
+            f"unknown ScienceQA prompt format {prompt_format!r}; choose one of {', '.join(PROMPT_FORMATS)}"
+        )
     return f"<image>\n{prompt}" if _has_image(problem) else prompt
 
 
@@ -162,8 +173,10 @@ def load_problems(data: str, split: str) -> list[dict]:
     problems_uri, splits_uri = storage.join(data, "problems.json"), storage.join(data, "pid_splits.json")
     for uri in (problems_uri, splits_uri):
         if not storage.exists(uri):
-            raise FileNotFoundError(f"{uri}: not found; --data must be a ScienceQA dir (problems.json, "
-                                    f"pid_splits.json, images/<split>/<pid>/image.png) or a questions.parquet")
+            raise FileNotFoundError(
+                f"{uri}: not found; --data must be a ScienceQA dir (problems.json, "
+                f"pid_splits.json, images/<split>/<pid>/image.png) or a questions.parquet"
+            )
     problems, splits = json.loads(storage.read_text(problems_uri)), json.loads(storage.read_text(splits_uri))
     if split not in splits:
         raise ValueError(f"{splits_uri} has no split {split!r} (it has {sorted(splits)})")
@@ -177,16 +190,30 @@ def load_problems(data: str, split: str) -> list[dict]:
                 image = storage.read_bytes(image_uri)
             except (FileNotFoundError, storage.StorageError):
                 missing = image_uri  # batch inference reports it as an image_missing error row
-        rows.append({"missing_image": missing, "pid": str(pid), "question": p["question"], "choices": list(p["choices"]),
-                     "answer": int(p["answer"]), "hint": p.get("hint") or "", "subject": p.get("subject", ""),
-                     "grade": p.get("grade", ""), "image": image, "lecture": p.get("lecture") or "",
-                     "solution": p.get("solution") or ""})
+        rows.append(
+            {
+                "missing_image": missing,
+                "pid": str(pid),
+                "question": p["question"],
+                "choices": list(p["choices"]),
+                "answer": int(p["answer"]),
+                "hint": p.get("hint") or "",
+                "subject": p.get("subject", ""),
+                "grade": p.get("grade", ""),
+                "image": image,
+                "lecture": p.get("lecture") or "",
+                "solution": p.get("solution") or "",
+            }
+        )
     return rows
 
 
 def _accuracy(outcomes: list[bool]) -> dict:
-    return {"accuracy": round(sum(outcomes) / len(outcomes), 4) if outcomes else None,
-            "correct": sum(outcomes), "total": len(outcomes)}
+    return {
+        "accuracy": round(sum(outcomes) / len(outcomes), 4) if outcomes else None,
+        "correct": sum(outcomes),
+        "total": len(outcomes),
+    }
 
 
 def score(problems: list[dict], answers: dict[str, Optional[str]]) -> tuple[dict, list[dict]]:
@@ -203,8 +230,16 @@ def score(problems: list[dict], answers: dict[str, Optional[str]]) -> tuple[dict
             groups["by_context"][modality].append(correct)
         groups["by_subject"][p["subject"]].append(correct)
         groups["by_grade"][p["grade"]].append(correct)
-        predictions.append({"pid": p["pid"], "text": answers.get(p["pid"]), "parsed": letter, "pred": choice,
-                            "answer": p["answer"], "correct": correct})
+        predictions.append(
+            {
+                "pid": p["pid"],
+                "text": answers.get(p["pid"]),
+                "parsed": letter,
+                "pred": choice,
+                "answer": p["answer"],
+                "correct": correct,
+            }
+        )
     metrics = {**_accuracy(overall), "parse_failures": failures}
     for name, by in groups.items():
         metrics[name] = {k: _accuracy(v) for k, v in sorted(by.items())}
@@ -215,22 +250,40 @@ def evaluate_scienceqa(config: ScienceQAConfig) -> dict:
     """Answer every problem of the split with batch inference; write metrics.json and predictions.jsonl."""
     out = config.infer.out
     problems = load_problems(config.data, config.split)
-    log.info("ScienceQA %s: %d problems from %s, %s prompts", config.split, len(problems), config.data,
-             config.prompt_format)
+    log.info(
+        "ScienceQA %s: %d problems from %s, %s prompts", config.split, len(problems), config.data, config.prompt_format
+    )
     table = pa.Table.from_pylist(problems, schema=PROBLEM_SCHEMA)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     storage.write_bytes(storage.join(out, "questions.parquet"), sink.getvalue().to_pybytes())  # reusable as --data
-    questions = [{"index": i, "id": p["pid"], "prompt": build_prompt(p, config.prompt_format),
-                  "images": None if p["image"] is None else [p["image"]],
-                  "image_refs": [p["missing_image"]] if p.get("missing_image") else None,
-                  "reference": OPTIONS[p["answer"]], "meta": "{}"} for i, p in enumerate(problems)]
+    questions = [
+        {
+            "index": i,
+            "id": p["pid"],
+            "prompt": build_prompt(p, config.prompt_format),
+            "images": None if p["image"] is None else [p["image"]],
+            "image_refs": [p["missing_image"]] if p.get("missing_image") else None,
+            "reference": OPTIONS[p["answer"]],
+            "meta": "{}",
+        }
+        for i, p in enumerate(problems)
+    ]
     dataset = ray.data.from_arrow(pa.Table.from_pylist(questions, schema=QUESTION_SCHEMA))
     run_batch_inference(config.infer, dataset)
     answers = {r["id"]: r["answer"] for r in read_predictions(out)}
     metrics, predictions = score(problems, answers)
-    storage.write_text(storage.join(out, "scienceqa_predictions.jsonl"), "".join(json.dumps(p) + "\n" for p in predictions))
+    storage.write_text(
+        storage.join(out, "scienceqa_predictions.jsonl"), "".join(json.dumps(p) + "\n" for p in predictions)
+    )
     storage.write_text(storage.join(out, "metrics.json"), json.dumps(metrics, indent=2))
-    log.info("ScienceQA %s accuracy %.4f (%d/%d, %d unparsable); metrics in %s", config.split, metrics["accuracy"],
-             metrics["correct"], metrics["total"], metrics["parse_failures"], storage.join(out, "metrics.json"))
+    log.info(
+        "ScienceQA %s accuracy %.4f (%d/%d, %d unparsable); metrics in %s",
+        config.split,
+        metrics["accuracy"],
+        metrics["correct"],
+        metrics["total"],
+        metrics["parse_failures"],
+        storage.join(out, "metrics.json"),
+    )
     return {**metrics, "out": out}

@@ -30,16 +30,28 @@ log = logging.getLogger(__name__)
 
 PREDICTIONS_FILE = "predictions.jsonl"
 SUMMARY_FILE = "summary.json"
-ANSWER_SCHEMA = pa.schema([
-    ("index", pa.int64()), ("id", pa.string()), ("prompt", pa.string()), ("answer", pa.string()),
-    ("error", pa.string()), ("error_reason", pa.string()), ("reference", pa.string()), ("meta", pa.string()),
-])
+ANSWER_SCHEMA = pa.schema(
+    [
+        ("index", pa.int64()),
+        ("id", pa.string()),
+        ("prompt", pa.string()),
+        ("answer", pa.string()),
+        ("error", pa.string()),
+        ("error_reason", pa.string()),
+        ("reference", pa.string()),
+        ("meta", pa.string()),
+    ]
+)
 
 
 @dataclass
 class InferConfig:
-    model: str = ""  # llava-ray checkpoint, training run dir, HF export, llava-hf or official LLaVA checkpoint (local or s3://)
-    template: Optional[str] = None  # conversation template for a checkpoint that records none (official LLaVA: vicuna_v1)
+    model: str = (
+        ""  # llava-ray checkpoint, training run dir, HF export, llava-hf or official LLaVA checkpoint (local or s3://)
+    )
+    template: Optional[str] = (
+        None  # conversation template for a checkpoint that records none (official LLaVA: vicuna_v1)
+    )
     questions: str = ""  # JSONL file or parquet file/dataset (local or s3://)
     out: str = ""  # output dir: predictions.jsonl + summary.json
     images: Optional[str] = None  # root for relative image paths (default: the questions file's dir)
@@ -75,8 +87,14 @@ def error_reason(error: Exception) -> str:
 class GreedyAnswerer:
     """Ray Data actor: one model per actor, `batch_size` questions per forward pass."""
 
-    def __init__(self, model_uri: str, max_new_tokens: int, batch_size: int, max_image_bytes: int = 32 << 20,
-                 template: Optional[str] = None):
+    def __init__(
+        self,
+        model_uri: str,
+        max_new_tokens: int,
+        batch_size: int,
+        max_image_bytes: int = 32 << 20,
+        template: Optional[str] = None,
+    ):
         from transformers.utils import logging as hf_logging
 
         from llava.model_loading import load_model
@@ -115,15 +133,23 @@ def _pool(config: InferConfig) -> tuple[int, float]:
 
 def answer_dataset(config: InferConfig, questions: ray.data.Dataset) -> ray.data.Dataset:
     actors, gpus = _pool(config)
-    log.info("answering with %d model actor(s) (%s GPU each), %d question(s) per forward pass",
-             actors, gpus, config.batch_size)
+    log.info(
+        "answering with %d model actor(s) (%s GPU each), %d question(s) per forward pass",
+        actors,
+        gpus,
+        config.batch_size,
+    )
     # Blocks of a few forward passes each, so that every actor gets work even for a small file.
     questions = questions.repartition(target_num_rows_per_block=config.batch_size * 2)
     return questions.map_batches(
         GreedyAnswerer,
-        fn_constructor_kwargs={"model_uri": config.model, "max_new_tokens": config.max_new_tokens,
-                               "batch_size": config.batch_size, "max_image_bytes": config.max_image_bytes,
-                               "template": config.template},
+        fn_constructor_kwargs={
+            "model_uri": config.model,
+            "max_new_tokens": config.max_new_tokens,
+            "batch_size": config.batch_size,
+            "max_image_bytes": config.max_image_bytes,
+            "template": config.template,
+        },
         batch_format="pyarrow",
         batch_size=config.batch_size * 2,
         compute=ray.data.ActorPoolStrategy(size=actors),
@@ -149,8 +175,9 @@ def run_batch_inference(config: InferConfig, questions: Optional[ray.data.Datase
             progress.update(1, errors=sum(errors.values()))
     results.sort(key=lambda r: r["index"])
     predictions = storage.join(config.out, PREDICTIONS_FILE)
-    storage.write_text(predictions, "".join(json.dumps({k: v for k, v in r.items() if k != "index"}) + "\n"
-                                            for r in results))
+    storage.write_text(
+        predictions, "".join(json.dumps({k: v for k, v in r.items() if k != "index"}) + "\n" for r in results)
+    )
     result = InferResult(config.out, predictions, total, total - sum(errors.values()), dict(errors))
     storage.write_text(storage.join(config.out, SUMMARY_FILE), json.dumps(result.__dict__, indent=2))
     for reason, count in sorted(errors.items()):

@@ -28,7 +28,8 @@ unless `allow_outside_root`.
 from __future__ import annotations
 
 import json
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -38,16 +39,18 @@ from llava import storage
 from llava.data.image_refs import DEFAULT_MAX_IMAGE_BYTES, ImageAccess, ImageRefRejected
 from llava.data.schema import shard_uris
 
-QUESTION_SCHEMA = pa.schema([
-    ("index", pa.int64()),
-    ("id", pa.string()),
-    ("prompt", pa.string()),
-    ("images", pa.list_(pa.binary())),
-    ("image_refs", pa.list_(pa.string())),
-    ("reference", pa.string()),
-    ("meta", pa.string()),
-    ("image_error", pa.string()),
-])
+QUESTION_SCHEMA = pa.schema(
+    [
+        ("index", pa.int64()),
+        ("id", pa.string()),
+        ("prompt", pa.string()),
+        ("images", pa.list_(pa.binary())),
+        ("image_refs", pa.list_(pa.string())),
+        ("reference", pa.string()),
+        ("meta", pa.string()),
+        ("image_error", pa.string()),
+    ]
+)
 IMAGE_TOKEN = "<image>"
 SHARD_STRIDE = 1 << 32  # parquet rows are indexed shard * SHARD_STRIDE + row
 
@@ -80,7 +83,7 @@ def normalise_record(record: dict, index: int, access: ImageAccess) -> dict:
         raise QuestionsError(f"question #{index} has no id or no prompt (fields: {sorted(record)})")
     images = _first(record, "images", "image")
     image_bytes, refs, image_error = [], [], None
-    for item in ([] if images is None else images if isinstance(images, list) else [images]):
+    for item in [] if images is None else images if isinstance(images, list) else [images]:
         if isinstance(item, (bytes, bytearray)):
             image_bytes.append(bytes(item))
         elif isinstance(item, str):
@@ -91,9 +94,13 @@ def normalise_record(record: dict, index: int, access: ImageAccess) -> dict:
                 image_error = image_error or str(error)
     meta = {k: v for k, v in record.items() if isinstance(v, (str, int, float, bool, type(None), list, dict))}
     return {
-        "index": index, "id": str(qid), "prompt": with_image_markers(str(prompt), len(image_bytes) + len(refs)),
-        "images": image_bytes or None, "image_refs": refs or None,
-        "reference": None if reference is None else str(reference), "meta": json.dumps(meta, default=str),
+        "index": index,
+        "id": str(qid),
+        "prompt": with_image_markers(str(prompt), len(image_bytes) + len(refs)),
+        "images": image_bytes or None,
+        "image_refs": refs or None,
+        "reference": None if reference is None else str(reference),
+        "meta": json.dumps(meta, default=str),
         "image_error": image_error,
     }
 
@@ -147,8 +154,9 @@ def jsonl_questions(uri: str, images_root: Optional[str] = None, allow_images_ou
     return _jsonl_rows(str(uri), _access(str(uri), images_root, allow_images_outside_root))
 
 
-def question_dataset(uri: str, images_root: Optional[str] = None,
-                     allow_images_outside_root: bool = False) -> ray.data.Dataset:
+def question_dataset(
+    uri: str, images_root: Optional[str] = None, allow_images_outside_root: bool = False
+) -> ray.data.Dataset:
     """A Ray Dataset of QUESTION_SCHEMA rows from a JSONL file or parquet file(s).
 
     Image paths resolve under `images_root` (default: the questions file's directory, or the
@@ -163,4 +171,5 @@ def question_dataset(uri: str, images_root: Optional[str] = None,
         raise QuestionsError(f"{uri}: no .jsonl file and no parquet shards found")
     items = [{"shard": i, "uri": s} for i, s in enumerate(shards)]
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        read_question_shards, batch_format="pyarrow", batch_size=1, fn_kwargs={"access": access})
+        read_question_shards, batch_format="pyarrow", batch_size=1, fn_kwargs={"access": access}
+    )

@@ -46,8 +46,9 @@ def load_contexts(captions_uri: str, instances_uri: str | None = None) -> list[I
         names = {c["id"]: c["name"] for c in instances["categories"]}
         for ann in instances["annotations"]:
             img = images[ann["image_id"]]
-            objects[ann["image_id"]].append((names[ann["category_id"]],
-                                             normalise_box(ann["bbox"], img["width"], img["height"])))
+            objects[ann["image_id"]].append(
+                (names[ann["category_id"]], normalise_box(ann["bbox"], img["width"], img["height"]))
+            )
     return [ImageContext(i, images[i]["file_name"], by_image[i], objects.get(i, [])) for i in sorted(by_image)]
 
 

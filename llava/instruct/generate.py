@@ -67,8 +67,16 @@ def request_plan(config: GenerateConfig) -> list[dict]:
             kinds = random.Random(f"{config.seed}-{c.image_id}").choices(list(weights), list(weights.values()))
         else:
             kinds = config.types
-        plan += [{"key": f"{c.image_id}-{kind}", "image_id": c.image_id, "file_name": c.file_name, "kind": kind,
-                  "context": c.text()} for kind in kinds]
+        plan += [
+            {
+                "key": f"{c.image_id}-{kind}",
+                "image_id": c.image_id,
+                "file_name": c.file_name,
+                "kind": kind,
+                "context": c.text(),
+            }
+            for kind in kinds
+        ]
     return plan
 
 
@@ -86,7 +94,12 @@ class TeacherCaller:
             text = self.client.complete(teacher_messages(row["kind"], row["context"]))
         except Exception as error:  # retries exhausted (openai.APIError, timeouts): asked again next run
             log.warning("request %s failed for good: %s", row["key"], error)
-            return {**result, "conversations": None, "failure": f"request_failed: {type(error).__name__}", "done": False}
+            return {
+                **result,
+                "conversations": None,
+                "failure": f"request_failed: {type(error).__name__}",
+                "done": False,
+            }
         try:
             turns = to_conversation(row["kind"], text, random.Random(f"{self.seed}-{row['key']}"), self.questions)
             return {**result, "conversations": json.dumps(turns), "failure": None, "model": self.model, "done": True}
@@ -99,10 +112,14 @@ class TeacherCaller:
             results = list(pool.map(self._one, batch.to_pylist()))
         done = [r for r in results if r["done"]]
         if done:
-            storage.write_text(storage.join(self.out, "parts", f"part-{uuid.uuid4().hex}.jsonl"),
-                               "".join(json.dumps(r) + "\n" for r in done))
-        return pa.Table.from_pylist([{"key": r["key"], "failure": r["failure"]} for r in results],
-                                    schema=pa.schema([("key", pa.string()), ("failure", pa.string())]))
+            storage.write_text(
+                storage.join(self.out, "parts", f"part-{uuid.uuid4().hex}.jsonl"),
+                "".join(json.dumps(r) + "\n" for r in done),
+            )
+        return pa.Table.from_pylist(
+            [{"key": r["key"], "failure": r["failure"]} for r in results],
+            schema=pa.schema([("key", pa.string()), ("failure", pa.string())]),
+        )
 
 
 def finished_results(out: str) -> dict[str, dict]:
@@ -124,18 +141,33 @@ def generate(config: GenerateConfig) -> dict:
     plan = request_plan(config)
     done = finished_results(config.out)
     todo = [r for r in plan if r["key"] not in done]
-    log.info("generate: %d requests planned, %d already done in %s, asking %s (%s) for %d",
-             len(plan), len(plan) - len(todo), config.out, config.endpoint.url, config.endpoint.model, len(todo))
+    log.info(
+        "generate: %d requests planned, %d already done in %s, asking %s (%s) for %d",
+        len(plan),
+        len(plan) - len(todo),
+        config.out,
+        config.endpoint.url,
+        config.endpoint.model,
+        len(todo),
+    )
     lost = Counter()
     if todo:
         endpoint = {k: getattr(config.endpoint, k) for k in EndpointConfig.__dataclass_fields__}
         actors = max(1, min(config.actors, len(todo)))
         answered = ray.data.from_items(todo).repartition(target_num_rows_per_block=max(1, config.endpoint.concurrency))
         answered = answered.map_batches(
-            TeacherCaller, batch_format="pyarrow", batch_size=max(1, config.endpoint.concurrency),
-            fn_constructor_kwargs={"endpoint": endpoint, "out": config.out, "seed": config.seed,
-                                   "rpm_share": config.endpoint.requests_per_minute / actors},
-            compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=0.5)
+            TeacherCaller,
+            batch_format="pyarrow",
+            batch_size=max(1, config.endpoint.concurrency),
+            fn_constructor_kwargs={
+                "endpoint": endpoint,
+                "out": config.out,
+                "seed": config.seed,
+                "rpm_share": config.endpoint.requests_per_minute / actors,
+            },
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=0.5,
+        )
         failed = 0
         with Progress("generate", len(todo), "requests", logger=log) as progress:  # a bar on a terminal
             for row in answered.iter_rows():
@@ -157,28 +189,50 @@ def write_outputs(config: GenerateConfig, plan: list[dict], done: dict[str, dict
 
     keys = [r["key"] for r in plan]
     kept = [done[k] for k in keys if k in done and done[k]["conversations"]]
-    records = [{"id": r["key"], "image": r["file_name"], "conversations": json.loads(r["conversations"]),
-                "type": r["kind"], "teacher": r["model"]} for r in kept]
+    records = [
+        {
+            "id": r["key"],
+            "image": r["file_name"],
+            "conversations": json.loads(r["conversations"]),
+            "type": r["kind"],
+            "teacher": r["model"],
+        }
+        for r in kept
+    ]
     text = json.dumps(records, indent=1)
     digest = hashlib.sha256((config.images + "\n" + text).encode()).hexdigest()  # what the parquet is built from
     storage.write_text(storage.join(config.out, "llava.json"), text)
     failures = Counter(done[k]["failure"] for k in keys if k in done and done[k]["failure"]) + lost
-    summary = {"planned": len(plan), "kept": len(kept), "by_type": dict(Counter(r["type"] for r in records)),
-               "failures": dict(failures), "not_done": len(plan) - sum(k in done for k in keys),
-               "json": storage.join(config.out, "llava.json"), "parquet": storage.join(config.out, "parquet")}
+    summary = {
+        "planned": len(plan),
+        "kept": len(kept),
+        "by_type": dict(Counter(r["type"] for r in records)),
+        "failures": dict(failures),
+        "not_done": len(plan) - sum(k in done for k in keys),
+        "json": storage.join(config.out, "llava.json"),
+        "parquet": storage.join(config.out, "parquet"),
+    }
     previous = _previous_summary(config.out)
     if records and previous.get("json_sha256") == digest and storage.exists(summary["parquet"]):
         log.info("generate: the kept rows are those the parquet in %s was built from; not rebuilt", summary["parquet"])
         summary["parquet_rows"], summary["parquet_skipped"] = previous["parquet_rows"], previous["parquet_skipped"]
     elif records:
         # rebuilt from all parts and published as a whole (the previous version stays readable until then)
-        manifest = prepare_llava_json(summary["json"], config.images, summary["parquet"], source="generated",
-                                      overwrite=True)
+        manifest = prepare_llava_json(
+            summary["json"], config.images, summary["parquet"], source="generated", overwrite=True
+        )
         summary["parquet_rows"], summary["parquet_skipped"] = manifest.rows, manifest.skipped
     elif storage.exists(summary["parquet"]):
         storage.remove(summary["parquet"])  # nothing kept: no stale parquet
     summary["json_sha256"] = digest
     storage.write_text(storage.join(config.out, "summary.json"), json.dumps(summary, indent=2))
-    log.info("generate: kept %d of %d requests %s, failures %s; LLaVA JSON %s, parquet %s", len(kept), len(plan),
-             summary["by_type"], dict(failures) or "none", summary["json"], summary["parquet"])
+    log.info(
+        "generate: kept %d of %d requests %s, failures %s; LLaVA JSON %s, parquet %s",
+        len(kept),
+        len(plan),
+        summary["by_type"],
+        dict(failures) or "none",
+        summary["json"],
+        summary["parquet"],
+    )
     return summary

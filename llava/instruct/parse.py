@@ -25,7 +25,7 @@ def qa_pairs(response: str) -> list[tuple[str, str]]:
             raise Unparsable("bad_format", f"block {i + 1} does not start with 'Question:': {question[:60]!r}")
         if answer is None or not answer.startswith("Answer:"):
             raise Unparsable("bad_format", f"question {i // 2 + 1} has no 'Answer:' block")
-        q, a = question[len("Question:"):].strip(), answer[len("Answer:"):].strip()
+        q, a = question[len("Question:") :].strip(), answer[len("Answer:") :].strip()
         if not q or not a:
             raise Unparsable("bad_format", f"question {i // 2 + 1} or its answer is empty")
         pairs.append((q, a))

@@ -1,21 +1,21 @@
 """Teacher prompts per request type, from editable data files under llava/instruct/prompts/<type>/.
 
-    system.txt      the system message
-    fewshot.jsonl   {"context": ..., "response": ...} examples, sent as user/assistant turns
-    questions.txt   (detail only) the questions a detailed description answers, one per line
+system.txt      the system message
+fewshot.jsonl   {"context": ..., "response": ...} examples, sent as user/assistant turns
+questions.txt   (detail only) the questions a detailed description answers, one per line
 """
 
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 TYPES = ("conversation", "detail", "complex")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _read(kind: str, name: str) -> str:
     if kind not in TYPES:
         raise ValueError(f"unknown request type {kind!r}; choose from {TYPES}")
@@ -32,6 +32,8 @@ def teacher_messages(kind: str, context: str) -> list[dict]:
     for line in _read(kind, "fewshot.jsonl").splitlines():
         if line.strip():
             example = json.loads(line)
-            messages += [{"role": "user", "content": example["context"]},
-                         {"role": "assistant", "content": example["response"]}]
+            messages += [
+                {"role": "user", "content": example["context"]},
+                {"role": "assistant", "content": example["response"]},
+            ]
     return messages + [{"role": "user", "content": context}]

@@ -94,15 +94,18 @@ class LoraConfig:
     r: int = 128
     alpha: int = 256
     dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
-                                                               "gate_proj", "up_proj", "down_proj"])
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
 
 
 @dataclass
 class TrainConfig:
     preset: Optional[str] = None  # llava/presets/<preset>/<job>.yaml, layered under these fields when loaded
     model: ModelConfig = field(default_factory=ModelConfig)
-    init_from: Optional[str] = None  # checkpoint or run dir to start from: ours (e.g. the stage-1 run), llava-hf or official LLaVA
+    init_from: Optional[str] = (
+        None  # checkpoint or run dir to start from: ours (e.g. the stage-1 run), llava-hf or official LLaVA
+    )
     projector_init: Optional[str] = None  # projector weights to start from, e.g. an official stage-1 mm_projector.bin
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -112,8 +115,12 @@ class TrainConfig:
     workers: WorkersConfig = field(default_factory=WorkersConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log_every_steps: int = 10
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # TensorBoard / MLflow / W&B (training/tracking.py)
-    health: HealthConfig = field(default_factory=HealthConfig)  # non-finite steps skipped; the run stops after N in a row
+    tracking: TrackingConfig = field(
+        default_factory=TrackingConfig
+    )  # TensorBoard / MLflow / W&B (training/tracking.py)
+    health: HealthConfig = field(
+        default_factory=HealthConfig
+    )  # non-finite steps skipped; the run stops after N in a row
     audit_dir: Optional[str] = None  # local dir: sample ids of every micro-batch and weight checksums per checkpoint
 
     def __post_init__(self) -> None:
@@ -150,8 +157,9 @@ def preset_names() -> list[str]:
     return sorted(p.name for p in PRESETS_DIR.iterdir() if p.is_dir())
 
 
-def load_train_config(job: str, preset: str | None = None, path: str | None = None,
-                      overrides: list[str] | None = None) -> TrainConfig:
+def load_train_config(
+    job: str, preset: str | None = None, path: str | None = None, overrides: list[str] | None = None
+) -> TrainConfig:
     """defaults <- preset <- YAML file <- overrides, type-checked into the job's dataclass, ready to train.
 
     `preset` (the --preset flag) names the preset like `preset: NAME` in the file would, and wins over it.

@@ -45,8 +45,13 @@ class StepPlan:
         micro = config.data.micro_batch_size
         accumulation = max(1, round(config.optim.global_batch_size / (micro * world_size)))
         if accumulation * micro * world_size != config.optim.global_batch_size:
-            log.warning("global batch %d is not a multiple of %d workers x micro batch %d: using %d",
-                        config.optim.global_batch_size, world_size, micro, accumulation * micro * world_size)
+            log.warning(
+                "global batch %d is not a multiple of %d workers x micro batch %d: using %d",
+                config.optim.global_batch_size,
+                world_size,
+                micro,
+                accumulation * micro * world_size,
+            )
         micro_batches = math.ceil((rows // world_size) / micro)  # per worker and epoch
         steps_per_epoch = max(1, micro_batches // accumulation)
         epochs = config.optim.epochs
@@ -62,8 +67,12 @@ def build_model(config: TrainConfig) -> tuple[LlavaModel, dict[str, bool]]:
     if config.init_from:
         source = resolve_model_uri(config.init_from)
         log.info("starting from %s", source)
-        model = load_checkpoint(source, template=config.model.template,  # ours, llava-hf or official LLaVA
-                                max_length=config.model.max_length, image=config.model.image)
+        model = load_checkpoint(
+            source,
+            template=config.model.template,  # ours, llava-hf or official LLaVA
+            max_length=config.model.max_length,
+            image=config.model.image,
+        )
     else:
         model = LlavaModel.from_config(config.model)
     if config.projector_init:  # e.g. an official stage-1 mm_projector.bin
@@ -124,11 +133,13 @@ def build_engine(model: LlavaModel, config: TrainConfig, plan: StepPlan):
     import deepspeed
 
     groups = parameter_groups(model, config.optim.lr, config.freeze, weight_decay=config.optim.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=config.optim.lr, betas=tuple(config.optim.betas),
-                                  weight_decay=config.optim.weight_decay)
+    optimizer = torch.optim.AdamW(
+        groups, lr=config.optim.lr, betas=tuple(config.optim.betas), weight_decay=config.optim.weight_decay
+    )
     scheduler = cosine_with_warmup(optimizer, plan.total_steps, config.optim.warmup_ratio)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(config, plan))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(config, plan)
+    )
     return engine
 
 

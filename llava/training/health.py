@@ -90,14 +90,21 @@ class StepHealth:
         self.consecutive += 1
         reason = "loss" if loss_bad else "gradient"
         if engine.global_rank == 0:
-            log.warning("step %d skipped: non-finite %s (%d skipped in this run, %d in a row); samples on rank 0: %s",
-                        step + 1, reason, self.skipped_total, self.consecutive, sample_ids[:8])
+            log.warning(
+                "step %d skipped: non-finite %s (%d skipped in this run, %d in a row); samples on rank 0: %s",
+                step + 1,
+                reason,
+                self.skipped_total,
+                self.consecutive,
+                sample_ids[:8],
+            )
         limit = self.config.max_consecutive_skips
         if limit and self.consecutive >= limit:
             raise NonFiniteTrainingError(
                 f"training diverged: {self.consecutive} optimizer steps in a row (up to step {step + 1}) had a "
                 f"non-finite {reason}; last samples on this rank: {sample_ids[:8]}. Lower optim.lr, check the data, "
-                f"resume from an earlier checkpoint, or raise health.max_consecutive_skips (0 never stops)")
+                f"resume from an earlier checkpoint, or raise health.max_consecutive_skips (0 never stops)"
+            )
         return False
 
     def interval_metrics(self) -> dict[str, float]:

@@ -29,8 +29,19 @@ from llava.training.tracking import TrackingRun
 
 log = logging.getLogger("llava.train")
 
-TRACKED = ("loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "step_time_s", "data_wait_s", "padding_fraction",
-           "skipped_steps", "skipped_steps_total", "epoch")  # sent to the tracking backend as train/<name>
+TRACKED = (
+    "loss",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+    "samples_per_s",
+    "step_time_s",
+    "data_wait_s",
+    "padding_fraction",
+    "skipped_steps",
+    "skipped_steps_total",
+    "epoch",
+)  # sent to the tracking backend as train/<name>
 
 
 def train_loop(loop_config: dict) -> None:
@@ -60,9 +71,14 @@ class WorkerLoop:
         self.new_ids: list[str] = []  # consumed since the last checkpoint (this rank)
         self.recorder = SampleRecorder(config.audit_dir, self.rank)
         self.image_size = self.model.config.image.size
-        self.batcher = LengthGroupedBatcher(plan.micro_batch_size, self.model.tokenizer.pad_token_id, self.image_size,
-                                            window_batches=config.data.window_batches, seed=config.data.seed,
-                                            group_by_length=config.data.group_by_length)
+        self.batcher = LengthGroupedBatcher(
+            plan.micro_batch_size,
+            self.model.tokenizer.pad_token_id,
+            self.image_size,
+            window_batches=config.data.window_batches,
+            seed=config.data.seed,
+            group_by_length=config.data.group_by_length,
+        )
 
     # ---- the loop ---------------------------------------------------------------------------------
     def run(self) -> None:
@@ -126,8 +142,12 @@ class WorkerLoop:
 
     def _micro_step(self, batch: Batch) -> tuple[float, bool]:
         """Forward + backward of one micro-batch; returns (loss, whether the optimizer stepped)."""
-        output = self.engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                             pixel_values=batch.pixel_values, labels=batch.labels)
+        output = self.engine(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            pixel_values=batch.pixel_values,
+            labels=batch.labels,
+        )
         loss = output.loss
         if batch.pixel_values is None:
             # Text-only batch: run the image path on a blank image with zero weight so every trainable
@@ -146,16 +166,32 @@ class WorkerLoop:
 
     # ---- logging, checkpoints -----------------------------------------------------------------------
     def _log(self, metrics: dict) -> None:
-        metrics = {"step": self.state.step, "epoch": self.state.epoch, "lr": self.engine.get_lr()[0], **metrics,
-                   **self.health.interval_metrics(), "time": time.time()}
+        metrics = {
+            "step": self.state.step,
+            "epoch": self.state.epoch,
+            "lr": self.engine.get_lr()[0],
+            **metrics,
+            **self.health.interval_metrics(),
+            "time": time.time(),
+        }
         self.state.metrics.append(metrics)
         if self.rank == 0:
-            log.info("step %d/%d epoch %d loss %.4f lr %.3g grad norm %s | %.0f tok/s %.1f samples/s %.3fs/step "
-                     "(data wait %.3fs) padding %.3f%s", metrics["step"], self.plan.total_steps, metrics["epoch"],
-                     metrics["loss"], metrics["lr"], f"{metrics['grad_norm']:.3g}" if "grad_norm" in metrics else "-",
-                     metrics["tokens_per_s"], metrics["samples_per_s"], metrics["step_time_s"], metrics["data_wait_s"],
-                     metrics["padding_fraction"],
-                     f" | {metrics['skipped_steps']:.0f} step(s) skipped (non-finite)" if metrics["skipped_steps"] else "")
+            log.info(
+                "step %d/%d epoch %d loss %.4f lr %.3g grad norm %s | %.0f tok/s %.1f samples/s %.3fs/step "
+                "(data wait %.3fs) padding %.3f%s",
+                metrics["step"],
+                self.plan.total_steps,
+                metrics["epoch"],
+                metrics["loss"],
+                metrics["lr"],
+                f"{metrics['grad_norm']:.3g}" if "grad_norm" in metrics else "-",
+                metrics["tokens_per_s"],
+                metrics["samples_per_s"],
+                metrics["step_time_s"],
+                metrics["data_wait_s"],
+                metrics["padding_fraction"],
+                f" | {metrics['skipped_steps']:.0f} step(s) skipped (non-finite)" if metrics["skipped_steps"] else "",
+            )
         if self.tracker:
             self.tracker.metrics({f"train/{k}": metrics[k] for k in TRACKED if k in metrics}, self.state.step)
 
@@ -168,18 +204,26 @@ class WorkerLoop:
             self.engine.save_checkpoint(str(directory / DS_DIR), tag=DS_TAG, exclude_frozen_parameters=True)
             weights = full_state_dict(self.engine, self.config.deepspeed.zero_stage)
             if self.rank == 0:
-                self.model.save_pretrained(directory / HF_DIR, llm=self.trainable["llm"], vision=self.trainable["vision"],
-                                           state_dict=weights)
+                self.model.save_pretrained(
+                    directory / HF_DIR, llm=self.trainable["llm"], vision=self.trainable["vision"], state_dict=weights
+                )
                 self.state.save(directory)
                 if self.config.audit_dir:
                     self.recorder.checksums(self.state.step, component_checksums(weights))
             write_manifest(directory, part=(self.rank, dist.get_world_size()))  # this rank's files, verified on resume
-            metrics = {"step": self.state.step, "epoch": self.state.epoch,
-                       **({"loss": self.state.metrics[-1]["loss"]} if self.state.metrics else {})}
+            metrics = {
+                "step": self.state.step,
+                "epoch": self.state.epoch,
+                **({"loss": self.state.metrics[-1]["loss"]} if self.state.metrics else {}),
+            }
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         if self.rank == 0:
-            log.info("checkpoint at step %d saved (epoch %d, %d samples of this epoch done)", self.state.step,
-                     self.state.epoch, len(self.state.consumed))
+            log.info(
+                "checkpoint at step %d saved (epoch %d, %d samples of this epoch done)",
+                self.state.step,
+                self.state.epoch,
+                len(self.state.consumed),
+            )
 
     def _restore(self, checkpoint) -> None:
         with checkpoint.as_directory() as tmp:
@@ -188,6 +232,10 @@ class WorkerLoop:
             self.engine.load_checkpoint(str(directory / DS_DIR), tag=DS_TAG, load_module_strict=False)
             self.state = TrainState.load(directory)
         if self.rank == 0:
-            log.info("resumed from %s: step %d, epoch %d, %d samples of this epoch already trained on",
-                     checkpoint.path, self.state.step, self.state.epoch, len(self.state.consumed))
-
+            log.info(
+                "resumed from %s: step %d, epoch %d, %d samples of this epoch already trained on",
+                checkpoint.path,
+                self.state.step,
+                self.state.epoch,
+                len(self.state.consumed),
+            )

@@ -34,7 +34,7 @@ class TrainState:
         (directory / METRICS_FILE).write_text("".join(json.dumps(m) + "\n" for m in self.metrics))
 
     @classmethod
-    def load(cls, directory: Path) -> "TrainState":
+    def load(cls, directory: Path) -> TrainState:
         state = json.loads((directory / STATE_FILE).read_text())
         metrics_file = directory / METRICS_FILE
         metrics = [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.exists() else []
@@ -86,8 +86,10 @@ class IntervalMetrics:
 
     def reduce(self, steps: int) -> dict:
         """All ranks call; returns the interval's metrics summed (counts) or averaged (loss) over ranks."""
-        values = torch.tensor([self.loss_sum, self.micro_batches, self.tokens, self.padded_tokens, self.samples,
-                               self.data_wait_s], dtype=torch.float64)
+        values = torch.tensor(
+            [self.loss_sum, self.micro_batches, self.tokens, self.padded_tokens, self.samples, self.data_wait_s],
+            dtype=torch.float64,
+        )
         dist.all_reduce(values)
         loss_sum, micro, tokens, padded, samples, wait = values.tolist()
         elapsed = time.perf_counter() - self.started
@@ -122,4 +124,3 @@ class SampleRecorder:
     def checksums(self, step: int, checksums: dict[str, str]) -> None:
         if self.file:
             self.file.write(json.dumps({"step": step, "pid": self.pid, "checksums": checksums}) + "\n")
-

@@ -76,7 +76,8 @@ class TrackingRun:
     def logger(self, resumed_at_step: int = 0) -> RunLogger:
         """A logger for this run in this process; `resumed_at_step`: drop what was logged after it (TensorBoard)."""
         return {"tensorboard": TensorBoardLogger, "mlflow": MlflowLogger, "wandb": WandbLogger}[self.backend](
-            self, resumed_at_step)
+            self, resumed_at_step
+        )
 
     def save(self, run_dir: str) -> None:
         storage.write_text(storage.join(run_dir, RUN_FILE), json.dumps(asdict(self), indent=2))
@@ -93,8 +94,9 @@ def _import(backend: str):
     try:
         return __import__(modules[backend], fromlist=["_"])
     except ImportError as exc:
-        raise ImportError(f"tracking.backend={backend} needs its client: pip install \"llava-ray[tracking]\" "
-                          f"({exc})") from exc
+        raise ImportError(
+            f'tracking.backend={backend} needs its client: pip install "llava-ray[tracking]" ({exc})'
+        ) from exc
 
 
 def default_location(config: TrackingConfig, run_dir: str, storage_path: str) -> str:
@@ -104,12 +106,16 @@ def default_location(config: TrackingConfig, run_dir: str, storage_path: str) ->
         if os.environ.get("MLFLOW_TRACKING_URI"):
             return os.environ["MLFLOW_TRACKING_URI"]
         if storage.is_s3(storage_path):
-            raise ValueError("tracking.backend=mlflow with an s3:// checkpoint.storage_path needs tracking.uri "
-                             "(an MLflow server http://... or sqlite:///path.db) or MLFLOW_TRACKING_URI")
+            raise ValueError(
+                "tracking.backend=mlflow with an s3:// checkpoint.storage_path needs tracking.uri "
+                "(an MLflow server http://... or sqlite:///path.db) or MLFLOW_TRACKING_URI"
+            )
         return "sqlite:///" + os.path.join(os.path.abspath(storage_path), "mlflow.db")
     if storage.is_s3(run_dir):
-        raise ValueError(f"tracking.backend={config.backend} writes files: with an s3:// run dir give tracking.uri "
-                         "(a directory every node can write, or on the machine of rank 0)")
+        raise ValueError(
+            f"tracking.backend={config.backend} writes files: with an s3:// run dir give tracking.uri "
+            "(a directory every node can write, or on the machine of rank 0)"
+        )
     return os.path.join(run_dir, "tensorboard" if config.backend == "tensorboard" else "")
 
 
@@ -125,8 +131,9 @@ def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def start_run(config: TrackingConfig, run_dir: str, storage_path: str, default_name: str,
-              params: dict) -> Optional[TrackingRun]:
+def start_run(
+    config: TrackingConfig, run_dir: str, storage_path: str, default_name: str, params: dict
+) -> Optional[TrackingRun]:
     """Driver side, before training: the run's tracked run (created, or the one it logged to before, on a
     resume), with the resolved config logged as its parameters. None when tracking is off."""
     if not config.enabled:
@@ -138,8 +145,15 @@ def start_run(config: TrackingConfig, run_dir: str, storage_path: str, default_n
         run = previous
         log.info("tracking: resuming %s run %s at %s", run.backend, run.run_id or run.location, run.location)
     else:
-        run = TrackingRun(config.backend, location, "", config.project, config.run_name or default_name,
-                          dict(config.tags), config.mode)
+        run = TrackingRun(
+            config.backend,
+            location,
+            "",
+            config.project,
+            config.run_name or default_name,
+            dict(config.tags),
+            config.mode,
+        )
         if config.backend == "mlflow":
             run.run_id = MlflowLogger.create(run)
         elif config.backend == "wandb":
@@ -154,8 +168,13 @@ def start_run(config: TrackingConfig, run_dir: str, storage_path: str, default_n
     return run
 
 
-def log_to_run(run_dir: str, metrics: dict[str, float] | None = None, step: int = 0,
-               checkpoints: list[tuple[str, int]] = (), finished: bool = False) -> None:
+def log_to_run(
+    run_dir: str,
+    metrics: dict[str, float] | None = None,
+    step: int = 0,
+    checkpoints: list[tuple[str, int]] = (),
+    finished: bool = False,
+) -> None:
     """Log into a training run's tracked run from the driver (checkpoints as (URI, step), evaluation metrics
     after the run); a no-op for a run without tracking."""
     run = TrackingRun.load(run_dir)
@@ -219,7 +238,7 @@ class MlflowLogger(RunLogger):
     def create(run: TrackingRun) -> str:
         from mlflow.tracking import MlflowClient
 
-        db_dir = os.path.dirname(run.location[len("sqlite:///"):]) if run.location.startswith("sqlite:///") else None
+        db_dir = os.path.dirname(run.location[len("sqlite:///") :]) if run.location.startswith("sqlite:///") else None
         if db_dir:
             os.makedirs(db_dir, exist_ok=True)  # a first run: the storage path does not exist yet
         client = MlflowClient(tracking_uri=run.location)
@@ -237,7 +256,7 @@ class MlflowLogger(RunLogger):
         have = self.client.get_run(self.run_id).data.params  # a resumed run keeps its first params
         items = [Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in params.items() if k not in have]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-            self.client.log_batch(self.run_id, params=items[i:i + 100])
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
 
     def metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -248,8 +267,11 @@ class MlflowLogger(RunLogger):
     def checkpoint(self, uri: str, step: int) -> None:
         self.client.set_tag(self.run_id, "checkpoint", uri)
         self.client.set_tag(self.run_id, f"checkpoint.step_{step}", uri)
-        listed = [f"{k.removeprefix('checkpoint.step_')}\t{v}" for k, v in
-                  sorted(self.client.get_run(self.run_id).data.tags.items()) if k.startswith("checkpoint.step_")]
+        listed = [
+            f"{k.removeprefix('checkpoint.step_')}\t{v}"
+            for k, v in sorted(self.client.get_run(self.run_id).data.tags.items())
+            if k.startswith("checkpoint.step_")
+        ]
         self.client.log_text(self.run_id, "step\turi\n" + "\n".join(listed) + "\n", "checkpoints.txt")
 
     def close(self, finished: bool = False) -> None:
@@ -263,9 +285,16 @@ class WandbLogger(RunLogger):
 
         os.makedirs(run.location, exist_ok=True)
         _wait_for_a_new_second(run.location, run.run_id)
-        self.wandb_run = wandb.init(project=run.project, name=run.run_name, id=run.run_id, resume="allow",
-                                    dir=run.location, tags=[f"{k}:{v}" if v else k for k, v in run.tags.items()],
-                                    mode=run.mode or None, reinit="create_new")
+        self.wandb_run = wandb.init(
+            project=run.project,
+            name=run.run_name,
+            id=run.run_id,
+            resume="allow",
+            dir=run.location,
+            tags=[f"{k}:{v}" if v else k for k, v in run.tags.items()],
+            mode=run.mode or None,
+            reinit="create_new",
+        )
 
     def params(self, params: dict[str, Any]) -> None:
         self.wandb_run.config.update(params, allow_val_change=True)

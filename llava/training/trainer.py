@@ -22,9 +22,9 @@ from llava.config import ModelConfig, config_to_dict
 from llava.data.ingest import SkipCounter
 from llava.data.reader import expand_dataset_uris, model_ready_dataset
 from llava.data.schema import Manifest, parquet_rows
-from llava.run_format import METRICS_FILE, RunOutput, model_dir
 from llava.model import expected_image_tokens
 from llava.model_loading import IMPORTED_DIR, checkpoint_model_config, import_for_training
+from llava.run_format import METRICS_FILE, RunOutput, model_dir
 from llava.training.config import TrainConfig
 from llava.training.engine import StepPlan
 from llava.training.loop import train_loop
@@ -61,8 +61,12 @@ def data_model_config(config: TrainConfig) -> tuple[ModelConfig, int]:
     settings come from this job's config.
     """
     if config.init_from:  # any layout llava.model_loading reads (ours, llava-hf, official LLaVA)
-        return checkpoint_model_config(config.init_from, template=config.model.template,
-                                       max_length=config.model.max_length, image=config.model.image)
+        return checkpoint_model_config(
+            config.init_from,
+            template=config.model.template,
+            max_length=config.model.max_length,
+            image=config.model.image,
+        )
     return config.model, expected_image_tokens(config.model)
 
 
@@ -87,17 +91,29 @@ def train(config: TrainConfig) -> TrainResult:
 
     config.validate()
     if config.init_from:  # a llava-hf or official checkpoint is converted once, into the run dir, for the workers
-        config = replace(config, init_from=import_for_training(
-            config.init_from, storage.join(_run_location(config)[2], IMPORTED_DIR), config.model.template))
+        config = replace(
+            config,
+            init_from=import_for_training(
+                config.init_from, storage.join(_run_location(config)[2], IMPORTED_DIR), config.model.template
+            ),
+        )
     model_config, image_tokens = data_model_config(config)
     rows = count_rows(config.data.train)
     plan = StepPlan.build(config, rows, config.workers.num_workers)
-    log.info("%d training rows, %d workers x micro batch %d x accumulation %d = global batch %d; "
-             "%d steps/epoch, %d steps", rows, plan.world_size, plan.micro_batch_size, plan.accumulation,
-             plan.global_batch_size, plan.steps_per_epoch, plan.total_steps)
+    log.info(
+        "%d training rows, %d workers x micro batch %d x accumulation %d = global batch %d; %d steps/epoch, %d steps",
+        rows,
+        plan.world_size,
+        plan.micro_batch_size,
+        plan.accumulation,
+        plan.global_batch_size,
+        plan.steps_per_epoch,
+        plan.total_steps,
+    )
     counter = SkipCounter.remote(5)
-    dataset = model_ready_dataset(config.data.train, model_config, image_tokens, counter=counter,
-                                  batch_size=max(8, config.data.micro_batch_size))
+    dataset = model_ready_dataset(
+        config.data.train, model_config, image_tokens, counter=counter, batch_size=max(8, config.data.micro_batch_size)
+    )
     if config.data.cache:
         log.info("preprocessing the training data once into the object store (data.cache=true)")
         dataset = dataset.materialize()
@@ -107,12 +123,20 @@ def train(config: TrainConfig) -> TrainResult:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     resources = {"CPU": config.workers.cpus_per_worker, **({"GPU": config.workers.gpus_per_worker} if use_gpu else {})}
     storage_path, filesystem, run_dir = _run_location(config)
-    tracking = start_run(config.tracking, run_dir, config.checkpoint.storage_path, config.checkpoint.run_name,
-                         {**config_to_dict(config), "plan": asdict(plan), "rows": rows})
+    tracking = start_run(
+        config.tracking,
+        run_dir,
+        config.checkpoint.storage_path,
+        config.checkpoint.run_name,
+        {**config_to_dict(config), "plan": asdict(plan), "rows": rows},
+    )
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"config": config_to_dict(config), "plan": asdict(plan),
-                           "tracking": asdict(tracking) if tracking else None},
+        train_loop_config={
+            "config": config_to_dict(config),
+            "plan": asdict(plan),
+            "tracking": asdict(tracking) if tracking else None,
+        },
         scaling_config=ScalingConfig(num_workers=plan.world_size, use_gpu=use_gpu, resources_per_worker=resources),
         datasets={"train": dataset},
         run_config=RunConfig(
@@ -133,9 +157,14 @@ def train(config: TrainConfig) -> TrainResult:
     skipped, examples = ray.get(counter.report.remote())
     output = RunOutput(model_dir(checkpoint), checkpoint, result.metrics.get("step"), skipped, config_to_dict(config))
     storage.write_text(storage.join(run_dir, METRICS_FILE), metrics_text)
-    kept = [(_checkpoint_uri(c, config.checkpoint.storage_path), int(m.get("step", 0)))
-            for c, m in getattr(result, "best_checkpoints", None) or [] if c.path != result.checkpoint.path]
-    log_to_run(run_dir, checkpoints=[*kept, (checkpoint, int(output.steps or 0))], finished=True)  # links in the tracker
+    kept = [
+        (_checkpoint_uri(c, config.checkpoint.storage_path), int(m.get("step", 0)))
+        for c, m in getattr(result, "best_checkpoints", None) or []
+        if c.path != result.checkpoint.path
+    ]
+    log_to_run(
+        run_dir, checkpoints=[*kept, (checkpoint, int(output.steps or 0))], finished=True
+    )  # links in the tracker
     output.write(run_dir)  # last: a run dir with output.json is a finished run
     if skipped:
         log.warning("rows skipped by the reader: %s (e.g. %s)", skipped, examples)
