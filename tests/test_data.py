@@ -511,6 +511,7 @@ def _blocking_captions(tmp_path):
     return images, pairs
 
 
+@pytest.mark.slow  # runs `llava-ray prepare` (its own Ray) twice per case
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_a_prepare_killed_mid_write_and_rerun_has_every_row_once(where, s3_server, tmp_path):
     import signal
