@@ -246,6 +246,17 @@ class Scheduler:
         ]:
             self._fail(row, "the server is shutting down")
 
+    def _forward_or_fail(self, what: str, rows: list[Row], **inputs):
+        """One LLM forward pass keeping only the last position's logits; on an exception every row in
+        it fails (and no other row) and None is returned."""
+        try:
+            return self.model.llm(**inputs, use_cache=True, logits_to_keep=1)
+        except Exception as exc:
+            log.exception("a %s forward pass failed", what)
+            for row in rows:
+                self._fail(row, f"{type(exc).__name__}: {exc}")
+            return None
+
     def _fail(self, row: Row, error: str) -> None:
         row.state.finish_reason = "error"
         try:
@@ -295,20 +306,16 @@ class Scheduler:
         if group is None:
             return
         start, end = group.done, min(group.done + self.config.prefill_chunk_tokens, group.embeds.shape[1])
-        try:
-            out = self.model.llm(
-                inputs_embeds=group.embeds[:, start:end],
-                attention_mask=group.attention[:, :end],
-                position_ids=group.positions[:, start:end],
-                past_key_values=group.cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-        except Exception as exc:
-            log.exception("a prefill forward pass failed")
+        out = self._forward_or_fail(
+            "prefill",
+            group.rows,
+            inputs_embeds=group.embeds[:, start:end],
+            attention_mask=group.attention[:, :end],
+            position_ids=group.positions[:, start:end],
+            past_key_values=group.cache,
+        )
+        if out is None:
             self._group = None
-            for row in group.rows:
-                self._fail(row, f"{type(exc).__name__}: {exc}")
             return
         group.done = end
         for row in group.rows:
@@ -382,20 +389,16 @@ class Scheduler:
                 log.exception("the on_step hook failed")
         tokens = torch.tensor(batch.tokens, device=self.device).unsqueeze(1)  # (B, 1)
         batch.attention = torch.cat([batch.attention, torch.ones_like(tokens)], dim=1)  # (B, T + 1)
-        try:
-            out = self.model.llm(
-                inputs_embeds=self.model.llm.get_input_embeddings()(tokens),
-                attention_mask=batch.attention,
-                position_ids=batch.positions,
-                past_key_values=batch.cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-        except Exception as exc:
-            log.exception("a decode forward pass failed")
+        out = self._forward_or_fail(
+            "decode",
+            batch.rows,
+            inputs_embeds=self.model.llm.get_input_embeddings()(tokens),
+            attention_mask=batch.attention,
+            position_ids=batch.positions,
+            past_key_values=batch.cache,
+        )
+        if out is None:
             self._batch = None
-            for row in batch.rows:
-                self._fail(row, f"{type(exc).__name__}: {exc}")
             return
         batch.positions = batch.positions + 1
         batch.tokens = self._sample(batch.rows, out.logits[:, -1])  # logits: (B, V)
