@@ -26,6 +26,7 @@ COMMANDS = {
     "tiny-model": "jobs.tiny_model",
     "show-masks": "jobs.show_masks",
     "export": "jobs.export",
+    "checksums": "jobs.checksums",
     "infer": "jobs.infer",
     "eval": "jobs.eval",
     "generate": "jobs.generate",

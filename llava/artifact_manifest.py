@@ -23,8 +23,8 @@ access to checkpoint and model storage stays the trust boundary (serving roles r
 
 Directories written before manifests existed have none: :func:`verify` raises :class:`NoManifestError`,
 which model loaders turn into a warning and a training resume into a refusal (DeepSpeed unpickles the
-optimizer state). ``python -m llava.artifact_manifest write DIR`` vouches for such a directory once its
-owner trusts it; ``python -m llava.artifact_manifest verify DIR`` checks one.
+optimizer state). ``llava-ray checksums write DIR`` vouches for such a directory once its
+owner trusts it; ``llava-ray checksums verify DIR`` checks one.
 """
 
 from __future__ import annotations
@@ -208,7 +208,7 @@ def verify_or_warn(directory: str | Path, what: str = "model") -> bool:
     except NoManifestError:
         log.warning(
             "%s %s has no %s: its files are not verified (written before checksum manifests, or not "
-            "by llava-ray; `python -m llava.artifact_manifest write DIR` vouches for it)",
+            "by llava-ray; `llava-ray checksums write DIR` vouches for it)",
             what,
             directory,
             MANIFEST_FILE,
@@ -246,25 +246,3 @@ def clear_destination(out: str | Path) -> Path:
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     return out
 
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m llava.artifact_manifest", description=__doc__.split("\n")[0])
-    parser.add_argument("action", choices=("write", "verify"))
-    parser.add_argument("directory")
-    args = parser.parse_args(argv)
-    if args.action == "write":
-        print(write_manifest(args.directory))
-        return 0
-    try:
-        listed = verify(args.directory)
-    except ManifestError as error:
-        print(f"FAILED: {error}")
-        return 1
-    print(f"OK: {len(listed)} files match {args.directory}'s manifest")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -62,6 +62,24 @@ def test_checkpoint_lists_every_file_and_a_change_is_refused_naming_it(tiny_chec
     assert torch.equal(model.projector[0].weight, load_file(str(ckpt / PROJECTOR_FILE))["0.weight"])
 
 
+def test_the_checksums_command_vouches_for_a_directory_then_names_a_changed_file(tmp_path, capsys):
+    from jobs.cli import main
+
+    foreign = tmp_path / "foreign"  # e.g. a checkpoint another tool wrote: no manifest yet
+    (foreign / "sub").mkdir(parents=True)
+    (foreign / "a.bin").write_bytes(b"a" * 100)
+    (foreign / "sub" / "b.json").write_text("{}")
+    assert main(["checksums", "write", str(foreign)]) == 0
+    assert json.loads(capsys.readouterr().out)["manifest"].endswith(MANIFEST_FILE)
+    assert main(["checksums", "verify", str(foreign)]) == 0
+    assert json.loads(capsys.readouterr().out) == {"ok": True, "files": 2, "directory": str(foreign)}
+
+    _flip_byte(foreign / "a.bin", offset=10)
+    assert main(["checksums", "verify", str(foreign)]) == 1
+    result = json.loads(capsys.readouterr().out)
+    assert result["ok"] is False and "a.bin was modified" in result["error"]
+
+
 def test_a_checkpoint_without_manifest_loads_with_a_warning(tiny_checkpoint, tmp_path, caplog):
     from llava.model import LlavaModel
 

@@ -52,7 +52,7 @@ def verify_resume(directory: Path) -> None:
         raise NoManifestError(
             f"refusing to resume from {directory}: it has no checksum manifest (written before llava-ray verified "
             f"checkpoints), and DeepSpeed would unpickle its files unchecked. If you trust it, write one with "
-            f"`python -m llava.artifact_manifest write <checkpoint dir>` (it adds {MANIFEST_FILE}), then resume"
+            f"`llava-ray checksums write <checkpoint dir>` (it adds {MANIFEST_FILE}), then resume"
         ) from error
 
 
