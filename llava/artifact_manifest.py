@@ -245,4 +245,3 @@ def clear_destination(out: str | Path) -> Path:
         if path.name != MANIFEST_FILE:
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     return out
-
