@@ -61,14 +61,19 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    ray_was_up = _ray_is_up()  # called in-process (a notebook, a test) on a Ray of the caller's: leave it up
     with results_only_on_stdout():
         try:
             if submit_to:
                 return remote.submit(args, submit_to, sys.argv[1:] if argv is None else list(argv))
             return int(args.run(args) or 0)
         finally:
-            if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+            if _ray_is_up() and not ray_was_up:
                 sys.modules["ray"].shutdown()  # flush forwarded worker logs while they still go to stderr
+
+
+def _ray_is_up() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
 
 
 if __name__ == "__main__":  # `python -m jobs.cli` (a --working-dir job)

@@ -96,9 +96,42 @@ def ray_local(s3_server, _ray_session):
     cluster of its own (Ray Serve, `tests/serve_fixtures.py`) shuts it down, and the next module
     that asks for `ray_local` starts it again; `init_ray` does nothing while Ray is up.
     """
+    _ensure_session_ray(s3_server.endpoint)
+
+
+_SESSION_RAY: dict[str, str] = {}  # the GCS address of the Ray that `ray_local` started
+
+
+def _ensure_session_ray(s3_endpoint: str) -> None:
+    import ray
+
     from llava.ray_runtime import init_ray
 
-    init_ray(num_cpus=4, s3_endpoint=s3_server.endpoint)
+    if ray.is_initialized() and ray.get_runtime_context().gcs_address != _SESSION_RAY.get("gcs"):
+        ray.shutdown()  # not ours (e.g. a default Ray that Ray Data started): 2 CPUs, no preloads, no S3 endpoint
+    init_ray(num_cpus=4, s3_endpoint=s3_endpoint)
+    _SESSION_RAY["gcs"] = ray.get_runtime_context().gcs_address
+
+
+def _ray_is_up() -> bool:
+    import sys
+
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_ray(request):
+    """A test that starts Ray without asking for `ray_local` fails: Ray Data and Serve start a default Ray
+    on first use (2 CPUs, no worker preloads, no S3 endpoint) and later modules would silently share it."""
+    if "ray_local" in request.fixturenames:  # module-scoped: make sure an earlier test did not stop or replace it
+        _ensure_session_ray(request.getfixturevalue("s3_server").endpoint)
+    was_up = _ray_is_up()
+    yield
+    if not was_up and _ray_is_up() and not SLOW_FIXTURES & set(request.fixturenames):
+        import ray
+
+        ray.shutdown()
+        pytest.fail(f"{request.node.nodeid} left a Ray of its own running: use the `ray_local` fixture", pytrace=False)
 
 
 def png(seed: int, size: int = 40) -> bytes:
