@@ -119,7 +119,8 @@ class SampleRecorder:
 
     def record(self, epoch: int, step: int, ids: list[str]) -> None:
         if self.file:
-            self.file.write(json.dumps({"epoch": epoch, "step": step, "pid": self.pid, "ids": ids}) + "\n")
+            record = {"epoch": epoch, "step": step, "pid": self.pid, "time": time.time(), "ids": ids}
+            self.file.write(json.dumps(record) + "\n")
 
     def checksums(self, step: int, checksums: dict[str, str]) -> None:
         if self.file:
