@@ -24,7 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
     parser.add_argument("--seed", type=int, default=0, help="seed of base-model pretraining and both stages")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides for both training stages")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="key=value overrides for both training stages (optim.max_steps=5); a key that starts with a pipeline "
+        "section goes to that section only (base.clip.steps=50, stage2.optim.epochs=3, eval.heldout.batch_size=64)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,10 +40,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def demo_pipeline(out: str | Path, address: str | None = None, overrides: list[str] | None = None, seed: int = 0):
-    """The demo's Pipeline; `overrides` (key=value on a training config) apply to both training stages."""
-    from jobs.pipeline_runner import DEMO_CONFIG, Pipeline, load_pipeline_config
+    """The demo's Pipeline; `overrides` (key=value on a training config) apply to both training stages, except those
+    whose key starts with a pipeline section (base., stage1., eval., ...): those go to that section as they are."""
+    from dataclasses import fields
 
-    stages = [f"{stage}.{o}" for o in overrides or [] for stage in ("stage1", "stage2")]
+    from jobs.pipeline_runner import DEMO_CONFIG, Pipeline, PipelineConfig, load_pipeline_config
+
+    sections = {f.name for f in fields(PipelineConfig)}
+    stages = []
+    for override in overrides or []:
+        if override.split("=", 1)[0].split(".", 1)[0] in sections:
+            stages.append(override)
+        else:
+            stages += [f"stage1.{override}", f"stage2.{override}"]
     seeds = [f"base.seed={seed}", f"stage1.data.seed={seed}", f"stage2.data.seed={seed}"]
     return Pipeline(load_pipeline_config(DEMO_CONFIG, [f"root={Path(out).absolute()}", *seeds, *stages]), address)
 
