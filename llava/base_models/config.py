@@ -52,8 +52,10 @@ class BasePretrainConfig:
     out: str = ""  # directory: out/vision (CLIPVisionModel + image processor), out/llm (LlamaForCausalLM + tokenizer)
     captions: list[str] = field(default_factory=list)  # datasets of image + caption conversations (stage-1 data)
     instructions: list[str] = field(default_factory=list)  # datasets of instruction conversations (text only used)
-    sizes: TinySizes = field(default_factory=lambda: TinySizes(vision_layers=3))  # 3: the penultimate layer (LLaVA's
-    # image features) is then trained through two more attention layers' worth of CLIP gradient than with 2
+    # 3 vision layers: LLaVA's image features are the penultimate layer's patches, which then have mixed in the whole
+    # image over 2 attention layers (a linear probe on their mean, held-out digits: 0.75 with 2 layers, 0.91 with 3;
+    # 4 layers and 800 steps gave 0.96, but the demo's held-out accuracy was no better: 0.953 vs 0.957-0.963)
+    sizes: TinySizes = field(default_factory=lambda: TinySizes(vision_layers=3))
     caption_template: str = "plain"  # how stage 1 will show the LM a caption (its conversations as LM text)
     instruction_template: str = "vicuna_v1"  # how stage 2 will show it an instruction conversation
     clip: ClipPretrainConfig = field(default_factory=ClipPretrainConfig)
