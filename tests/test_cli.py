@@ -10,11 +10,11 @@ import pytest
 from jobs.cli import main
 
 
-def llava_ray(*args, check=True):
+def llava_ray(*args, check=True, timeout=300):
     """Run the installed console script (next to this interpreter, whether or not the venv is activated)."""
     exe = Path(sys.executable).parent / "llava-ray"
     assert exe.exists(), f"the llava-ray console script is not installed at {exe} (pip install -e .)"
-    return subprocess.run([str(exe), *args], capture_output=True, text=True, check=check, timeout=300)
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, check=check, timeout=timeout)
 
 
 def test_show_masks_prints_ids_labels_and_tokens(base_models, tmp_path):
@@ -106,7 +106,7 @@ def test_unknown_subcommand_fails_cleanly():
 def test_demo_runs_both_stages_and_prints_its_summary(tmp_path):
     """The README's main job, shortened to a few steps per stage (the full run is documented in the README)."""
     shortened = ["optim.max_steps=3", "base.clip.steps=3", "base.lm.steps=3", "base.lm.corpus_documents=50"]
-    result = llava_ray("demo", "--out", str(tmp_path / "demo"), *shortened)
+    result = llava_ray("demo", "--out", str(tmp_path / "demo"), *shortened, timeout=600)  # 7 stages + report
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     for key in ("stage1_loss_start", "stage1_loss_end", "stage2_loss_end", "heldout_accuracy", "checkpoint", "export"):
         assert key in summary

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from llava import storage
 from llava.base_models.config import BasePretrainConfig
 from llava.config import config_from_dict, config_to_dict
-from llava.data.schema import Manifest
+from llava.data.schema import MANIFEST_FILE, Manifest
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +33,13 @@ def _data_identity(uris: list[str]) -> list:
     """What a dataset holds, not where its shards happen to be (a re-prepared identical dataset keeps it)."""
     found = []
     for uri in uris:
-        try:
-            m = Manifest.read(uri)
-            found.append(
-                {"rows": m.rows, "sources": m.sources, "extra": {k: v for k, v in m.extra.items() if k != "attempt"}}
-            )
-        except FileNotFoundError:
+        if not storage.exists(storage.join(uri, MANIFEST_FILE)):  # parquet written by other tools: its location
             found.append(uri)
+            continue
+        m = Manifest.read(uri)
+        found.append(
+            {"rows": m.rows, "sources": m.sources, "extra": {k: v for k, v in m.extra.items() if k != "attempt"}}
+        )
     return found
 
 
