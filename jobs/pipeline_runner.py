@@ -26,6 +26,7 @@ from typing import Optional
 
 from jobs.run_manifest import COMPLETE, RunManifest, StageRecord, code_version, fingerprint, now
 from llava import storage
+from llava.base_models.config import BasePretrainConfig
 from llava.config import config_from_dict, config_to_dict, load_config
 from llava.data.ingest import IngestConfig
 from llava.evaluation.llava_bench import LlavaBenchConfig
@@ -82,7 +83,9 @@ class PrepareStageConfig:
     stage2: SourceConfig = field(default_factory=SourceConfig)
     eval: SourceConfig = field(default_factory=SourceConfig)  # held-out split for eval.heldout
     ingest: IngestConfig = field(default_factory=IngestConfig)
-    base_models: str = "given"  # given (stage1.model.*) | tiny (random offline CLIP + Llama built under <root>/base)
+    # given (stage1.model.*) | tiny (random offline CLIP + Llama built under <root>/base) | pretrained (the `base`
+    # stage pretrains a tiny CLIP and Llama on the prepared data, llava/base_models, under <root>/base)
+    base_models: str = "given"
 
 
 @dataclass
@@ -91,6 +94,7 @@ class HeldoutConfig:
 
     enabled: bool = True
     batch_size: int = 32
+    stage1_captions: bool = False  # also caption the held-out images with the stage-1 model: does it name the digit?
 
 
 @dataclass
@@ -114,6 +118,8 @@ class ServeStageConfig(ServeConfig):
 class PipelineConfig:
     root: str = "runs/pipeline"  # local dir or s3://bucket/prefix: every output and pipeline.json
     prepare: PrepareStageConfig = field(default_factory=PrepareStageConfig)
+    base: BasePretrainConfig = field(default_factory=BasePretrainConfig)  # prepare.base_models=pretrained; out,
+    # captions, instructions and the templates default to <root>/base, data/stage1, data/stage2 and the stages' own
     stage1: PretrainConfig = field(default_factory=PretrainConfig)  # `preset: NAME` layers presets/NAME/pretrain.yaml
     stage2: FinetuneConfig = field(default_factory=FinetuneConfig)  # `preset: NAME` layers presets/NAME/finetune.yaml
     eval: EvalStageConfig = field(default_factory=EvalStageConfig)
@@ -130,8 +136,8 @@ def load_pipeline_config(path: str | None = None, overrides: list[str] | None = 
     for split in SPLITS:
         if getattr(config.prepare, split).kind not in SOURCE_KINDS:
             raise ValueError(f"prepare.{split}.kind must be one of {SOURCE_KINDS}")
-    if config.prepare.base_models not in ("given", "tiny"):
-        raise ValueError(f"prepare.base_models must be given or tiny, got {config.prepare.base_models!r}")
+    if config.prepare.base_models not in ("given", "tiny", "pretrained"):
+        raise ValueError(f"prepare.base_models must be given, tiny or pretrained, got {config.prepare.base_models!r}")
     if not storage.is_s3(config.root):
         config.root = os.path.abspath(os.path.expanduser(config.root))
     return config
@@ -172,9 +178,13 @@ class Pipeline:
 
     def run(self) -> dict[str, StageRecord]:
         log.info("pipeline under %s (manifest %s)", self.root, self.manifest.uri)
-        for name in ("prepare", "stage1", "stage2", "eval", "export"):
+        for name in self.stage_names():
             self.records[name] = getattr(self, f"_{name}")()
         return self.records
+
+    def stage_names(self) -> list[str]:
+        base = ["base"] if self.config.prepare.base_models == "pretrained" else []
+        return ["prepare", *base, "stage1", "stage2", "eval", "export"]
 
     # -- stages ---------------------------------------------------------------------------------
 
@@ -235,6 +245,26 @@ class Pipeline:
 
         return self.manifest.run_stage("prepare", config, work, operational=PREPARE_OPERATIONAL)
 
+    def _base(self) -> StageRecord:
+        prep = self.records["prepare"]
+        data = prep.outputs["data"]
+        c = self.config.base
+        c.out = c.out or self.uri("base")
+        c.captions = c.captions or ([data["stage1"]] if data.get("stage1") else [])
+        c.instructions = c.instructions or ([data["stage2"]] if data.get("stage2") else [])
+        c.caption_template = self.config.stage1.model.template or c.caption_template
+        c.instruction_template = self.config.stage2.model.template or c.instruction_template
+        config = config_to_dict(c.validate())
+
+        def work():
+            from llava.base_models.build import pretrain_base_models
+
+            found = pretrain_base_models(c, self.ray)
+            return {"base_models": {"vision_tower": found["vision_tower"], "llm": found["llm"]}}, found["metrics"]
+
+        keep = lambda old: []  # noqa: E731 -- never moved aside: build.py replaces a model whose fingerprint changed
+        return self.manifest.run_stage("base", config, work, {"data": data}, {"prepare": prep}, keep, ("threads",))
+
     def _train_config(self, stage: str, job_cls, defaults: dict, forced: dict | None = None) -> dict:
         """The stage's resolved training config (plain dict): pipeline wiring where the YAML left fields empty."""
         d = config_to_dict(getattr(self.config, stage))
@@ -285,16 +315,16 @@ class Pipeline:
 
     def _stage1(self) -> StageRecord:
         prep = self.records["prepare"]
-        base = prep.outputs.get("base_models", {})
+        built = self.records["base"] if "base" in self.records else prep
+        base = built.outputs.get("base_models", {})
         config = self._train_config(
             "stage1",
             PretrainConfig,
             {"data.train": [prep.outputs["data"]["stage1"]] if prep.outputs["data"].get("stage1") else None},
             {"model.vision_tower": base["vision_tower"], "model.llm": base["llm"]} if base else None,
         )
-        return self._train(
-            "stage1", PretrainConfig, config, {"data.train": config["data"]["train"], **base}, {"prepare": prep}
-        )
+        upstream = {"prepare": prep, **({"base": built} if built is not prep else {})}
+        return self._train("stage1", PretrainConfig, config, {"data.train": config["data"]["train"], **base}, upstream)
 
     def _stage2(self) -> StageRecord:
         prep, stage1 = self.records["prepare"], self.records["stage1"]
@@ -314,7 +344,12 @@ class Pipeline:
         return self._train("stage2", FinetuneConfig, config, inputs, {"prepare": prep, "stage1": stage1})
 
     def _eval(self) -> StageRecord:
-        c, prep, stage2 = self.config.eval, self.records["prepare"], self.records["stage2"]
+        c, prep, stage1, stage2 = (
+            self.config.eval,
+            self.records["prepare"],
+            self.records["stage1"],
+            self.records["stage2"],
+        )
         model, heldout_data = stage2.outputs["model"], prep.outputs["data"].get("eval")
         benchmarks = {}
         for name in ("scienceqa", "llava_bench"):
@@ -324,6 +359,7 @@ class Pipeline:
                 bench.infer.out = bench.infer.out or self.uri("eval", name)
                 benchmarks[name] = config_to_dict(bench)
         heldout = c.heldout.enabled and heldout_data is not None
+        captions = heldout and c.heldout.stage1_captions
         config = {
             "heldout": {**config_to_dict(c.heldout), "enabled": heldout, "data": heldout_data, "out": self.uri("eval")},
             **benchmarks,
@@ -340,6 +376,15 @@ class Pipeline:
                 log.info("held-out accuracy %.3f (%d/%d)", acc["accuracy"], acc["correct"], acc["total"])
                 outputs["heldout_predictions"] = acc.pop("predictions")
                 metrics["heldout"] = acc
+            if captions:
+                from llava.evaluation.digits import caption_accuracy
+
+                out = self.uri("eval", "stage1_captions")
+                log.info("eval: stage-1 captions of the held-out images (%s) -> %s", stage1.outputs["model"], out)
+                acc = caption_accuracy(stage1.outputs["model"], heldout_data, out, c.heldout.batch_size)
+                log.info("stage-1 caption accuracy %.3f (%d/%d)", acc["accuracy"], acc["correct"], acc["total"])
+                outputs["stage1_captions"] = acc.pop("predictions")
+                metrics["stage1_captions"] = acc
             for name, bench in benchmarks.items():
                 if name == "scienceqa":
                     from llava.evaluation.scienceqa import evaluate_scienceqa as evaluate
@@ -354,9 +399,9 @@ class Pipeline:
             log_to_run(stage2.outputs["run_dir"], numbers, step=stage2.metrics.get("steps") or 0)  # if tracked
             return outputs, metrics
 
-        return self.manifest.run_stage(
-            "eval", config, work, {"model": model}, {"stage2": stage2}, operational=EVAL_OPERATIONAL
-        )
+        inputs = {"model": model, **({"stage1_model": stage1.outputs["model"]} if captions else {})}
+        upstream = {"stage2": stage2, **({"stage1": stage1} if captions else {})}
+        return self.manifest.run_stage("eval", config, work, inputs, upstream, operational=EVAL_OPERATIONAL)
 
     def _export(self) -> StageRecord:
         stage2 = self.records["stage2"]

@@ -52,12 +52,12 @@ class TinySizes:
     max_positions: int = 2048
 
 
-def build_tokenizer(vocab_size: int = 1024):
-    """A byte-level BPE trained in memory, wrapped as a normal HF fast tokenizer."""
+def build_tokenizer(vocab_size: int = 1024, extra_texts: tuple[str, ...] | list[str] = ()):
+    """A byte-level BPE trained in memory (on `extra_texts` too), wrapped as a normal HF fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    corpus = [_CORPUS]
+    corpus = [_CORPUS, *extra_texts]
     for template in TEMPLATES.values():
         corpus += [template.system, template.system_format, template.user_format, template.first_user_format or ""]
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -81,52 +81,65 @@ def build_tokenizer(vocab_size: int = 1024):
     )
 
 
+def vision_config(sizes: TinySizes):
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        image_size=sizes.image_size,
+        patch_size=sizes.patch_size,
+        hidden_size=sizes.vision_width,
+        intermediate_size=sizes.vision_width * 4,
+        num_hidden_layers=sizes.vision_layers,
+        num_attention_heads=4,
+        projection_dim=sizes.vision_width,
+    )
+
+
+def write_image_processor(vision_dir: str | Path, image_size: int) -> None:
+    """The CLIP image processor config next to a vision tower (CLIP normalisation, `image_size` square)."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    CLIPImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+    ).save_pretrained(vision_dir)
+
+
+def llama_config(sizes: TinySizes, tokenizer):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=sizes.llm_width,
+        intermediate_size=sizes.llm_width * 2,
+        num_hidden_layers=sizes.llm_layers,
+        num_attention_heads=sizes.llm_heads,
+        num_key_value_heads=sizes.llm_heads,
+        max_position_embeddings=sizes.max_positions,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+
+
 def build_tiny_base_models(out: str | Path, sizes: TinySizes | None = None, seed: int = 0) -> dict[str, str]:
     """Write out/vision and out/llm (model + tokenizer). Returns their paths."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers import CLIPVisionModel, LlamaForCausalLM
 
     sizes = sizes or TinySizes()
     out = Path(out)
     torch.manual_seed(seed)
 
     vision_dir = out / "vision"
-    vision = CLIPVisionModel(
-        CLIPVisionConfig(
-            image_size=sizes.image_size,
-            patch_size=sizes.patch_size,
-            hidden_size=sizes.vision_width,
-            intermediate_size=sizes.vision_width * 4,
-            num_hidden_layers=sizes.vision_layers,
-            num_attention_heads=4,
-            projection_dim=sizes.vision_width,
-        )
-    )
-    vision.save_pretrained(vision_dir)
-    CLIPImageProcessorPil(
-        size={"shortest_edge": sizes.image_size},
-        crop_size={"height": sizes.image_size, "width": sizes.image_size},
-        image_mean=list(CLIP_MEAN),
-        image_std=list(CLIP_STD),
-    ).save_pretrained(vision_dir)
+    CLIPVisionModel(vision_config(sizes)).save_pretrained(vision_dir)
+    write_image_processor(vision_dir, sizes.image_size)
 
     llm_dir = out / "llm"
     tokenizer = build_tokenizer(sizes.vocab_size)
-    llm = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=sizes.llm_width,
-            intermediate_size=sizes.llm_width * 2,
-            num_hidden_layers=sizes.llm_layers,
-            num_attention_heads=sizes.llm_heads,
-            num_key_value_heads=sizes.llm_heads,
-            max_position_embeddings=sizes.max_positions,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            tie_word_embeddings=False,
-        )
-    )
+    llm = LlamaForCausalLM(llama_config(sizes, tokenizer))
     llm.save_pretrained(llm_dir)
     tokenizer.save_pretrained(llm_dir)
     log.info("tiny base models written: vision=%s llm=%s (vocab %d)", vision_dir, llm_dir, len(tokenizer))

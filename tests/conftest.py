@@ -1,5 +1,6 @@
 """Shared fixtures: tiny offline base models built once per test session."""
 
+import functools
 import os
 from pathlib import Path
 
@@ -145,3 +146,24 @@ def png(seed: int, size: int = 40) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+@functools.cache
+def _digits() -> dict:
+    from llava.data.digits import build_digits
+
+    return build_digits()
+
+
+def write_digits(path, split: str, rows: int) -> str:
+    """A prepared dataset (one parquet shard, no manifest) with the first `rows` rows of a digits split."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from llava.data.schema import SCHEMA
+
+    chosen = _digits()[split][:rows]
+    path.mkdir(parents=True)
+    table = pa.Table.from_pylist([{**r, "image_paths": None} for r in chosen], schema=SCHEMA)
+    pq.write_table(table, path / "part-0.parquet")
+    return str(path)

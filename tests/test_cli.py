@@ -105,10 +105,18 @@ def test_unknown_subcommand_fails_cleanly():
 @pytest.mark.slow  # the whole demo: prepare, two training runs, eval, export
 def test_demo_runs_both_stages_and_prints_its_summary(tmp_path):
     """The README's main job, shortened to a few steps per stage (the full run is documented in the README)."""
-    result = llava_ray("demo", "--out", str(tmp_path / "demo"), "optim.max_steps=3", timeout=600)  # ~2.5 min idle
+    shortened = ["optim.max_steps=3", "base.clip.steps=3", "base.lm.steps=3", "base.lm.corpus_documents=50"]
+    result = llava_ray("demo", "--out", str(tmp_path / "demo"), *shortened, timeout=600)  # 7 stages + report
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     for key in ("stage1_loss_start", "stage1_loss_end", "stage2_loss_end", "heldout_accuracy", "checkpoint", "export"):
         assert key in summary
+    assert 0 <= summary["stage1_caption_accuracy"] <= 1  # the stage-1 model's captions of the held-out images
+    assert json.loads((Path(summary["base_models"]["vision_tower"]) / "config.json").read_text())["model_type"] in (
+        "clip_vision_model",
+        "clip_vision",
+    )
+    report = Path(summary["report"]).read_text()  # the report's page and its figures, under the demo's root
+    assert Path(summary["report"]).parent == tmp_path / "demo" / "report" and "confusion.png" in report
     predictions = [json.loads(line) for line in Path(summary["predictions"]).read_text().splitlines()]
     assert len(predictions) == 300 and all(p["error"] is None for p in predictions)  # via batch inference
     correct = sum(p["answer"] == p["reference"] for p in predictions)
@@ -120,12 +128,12 @@ def test_demo_runs_both_stages_and_prints_its_summary(tmp_path):
         == summary["checkpoint"]
     )
     manifest = json.loads((tmp_path / "demo" / "pipeline.json").read_text())  # the demo is the pipeline
-    assert [*manifest["stages"]] == ["prepare", "stage1", "stage2", "eval", "export"]
+    assert [*manifest["stages"]] == ["prepare", "base", "stage1", "stage2", "eval", "export"]
     assert all(s["status"] == "complete" and s["ended"] for s in manifest["stages"].values())
     assert manifest["stages"]["stage2"]["outputs"]["model"] == summary["checkpoint"]
-    again = llava_ray("demo", "--out", str(tmp_path / "demo"), "optim.max_steps=3")  # same run: all skipped
+    again = llava_ray("demo", "--out", str(tmp_path / "demo"), *shortened)  # same run: all skipped
     assert json.loads(again.stdout.strip().splitlines()[-1]) == summary
-    assert again.stderr.count(": skipped, complete since") == 5 and "local Ray" not in again.stderr
+    assert again.stderr.count(": skipped, complete since") == 6 and "local Ray" not in again.stderr
 
 
 @pytest.mark.slow  # a Ray + Ray Serve of its own

@@ -96,7 +96,7 @@ def test_pipeline_config_layers_presets_file_and_overrides(tmp_path):
     config = load_pipeline_config(DEMO_CONFIG, ["root=rel/dir", "stage2.optim.max_steps=2", "serve.port=9000"])
     assert config.root == str(Path("rel/dir").absolute())
     assert config.stage1.checkpoint.run_name == "stage1" and config.stage1.optim.lr == 2e-3  # demo pretrain preset
-    assert config.stage2.optim.epochs == 12 and config.stage2.optim.max_steps == 2  # preset, then override
+    assert config.stage2.optim.epochs == 5 and config.stage2.optim.max_steps == 2  # preset, then override
     assert config.stage2.freeze.preset == "stage2" and config.serve.port == 9000 and not config.serve.enabled
     with pytest.raises(ValueError, match="unknown stage1.preset"):
         load_pipeline_config(None, ["stage1.preset=nope"])
@@ -121,6 +121,12 @@ def fake_jobs(monkeypatch):
         for part in ("vision", "llm"):
             Path(out, part).mkdir(parents=True, exist_ok=True)
 
+    def pretrain_base_models(config, start_ray):
+        calls.append(("base", config.seed, config.captions, config.caption_template, config.instruction_template))
+        for part in ("vision", "llm"):
+            Path(config.out, part).mkdir(parents=True, exist_ok=True)
+        return {"vision_tower": f"{config.out}/vision", "llm": f"{config.out}/llm", "metrics": {}, "cached": []}
+
     def train(config):
         run_dir = Path(config.checkpoint.storage_path, config.checkpoint.run_name)
         calls.append((config.checkpoint.run_name, config.optim.lr, config.init_from, run_dir.exists()))
@@ -141,6 +147,12 @@ def fake_jobs(monkeypatch):
         Path(out, "predictions.jsonl").write_text("")
         return {"accuracy": 0.5, "correct": 1, "total": 2, "predictions": f"{out}/predictions.jsonl", "examples": []}
 
+    def caption_accuracy(model, data, out, batch_size):
+        calls.append(("captions", model))
+        Path(out).mkdir(parents=True, exist_ok=True)
+        Path(out, "predictions.jsonl").write_text("")
+        return {"accuracy": 0.75, "correct": 3, "total": 4, "predictions": f"{out}/predictions.jsonl", "examples": []}
+
     def export_hf(model, out):
         calls.append(("export", model))
         Path(out).mkdir(parents=True, exist_ok=True)
@@ -150,7 +162,8 @@ def fake_jobs(monkeypatch):
         "llava.data.prepare": {"prepare_digits": prepare_digits, "prepare_captions": None, "prepare_llava_json": None},
         "llava.tiny_models": {"build_tiny_base_models": build_tiny_base_models},
         "llava.training.trainer": {"train": train},
-        "llava.evaluation.digits": {"heldout_accuracy": heldout_accuracy},
+        "llava.evaluation.digits": {"heldout_accuracy": heldout_accuracy, "caption_accuracy": caption_accuracy},
+        "llava.base_models.build": {"pretrain_base_models": pretrain_base_models},
         "llava.export_hf": {"export_hf": export_hf},
         "llava.model": {"LlavaModel": types.SimpleNamespace(from_pretrained=lambda uri: uri)},
     }
@@ -168,21 +181,24 @@ def test_pipeline_command_wires_the_stages_and_reruns_only_what_changed(fake_job
     assert main(["pipeline", "--config", str(DEMO_CONFIG), f"root={root}"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     stages = result["stages"]
-    assert [*stages] == ["prepare", "stage1", "stage2", "eval", "export"] and result["complete"]
+    assert [*stages] == ["prepare", "base", "stage1", "stage2", "eval", "export"] and result["complete"]
     assert all(s["ran"] for s in stages.values()) and result["manifest"] == str(root / "pipeline.json")
     stage1_run = str(root / "runs" / "stage1")
     model = stages["stage2"]["outputs"]["model"]
     assert fake_jobs == [
         ("prepare", 0),
+        ("base", 0, [str(root / "data" / "stage1")], "plain", "vicuna_v1"),  # the stages' own templates
         ("stage1", 2e-3, None, False),
         ("stage2", 1e-3, stage1_run, False),
         ("eval", model),
+        ("captions", stages["stage1"]["outputs"]["model"]),  # the stage-1 model captions the held-out images
         ("export", model),
     ]
     assert stages["eval"]["metrics"]["heldout"]["accuracy"] == 0.5
+    assert stages["eval"]["metrics"]["stage1_captions"]["accuracy"] == 0.75
     assert stages["export"]["outputs"]["path"] == str(root / "export")
     manifest = json.loads((root / "pipeline.json").read_text())["stages"]
-    assert manifest["stage1"]["config"]["model"]["llm"] == str(root / "base" / "llm")  # prepare's tiny models
+    assert manifest["stage1"]["config"]["model"]["llm"] == str(root / "base" / "llm")  # the base stage's models
     assert manifest["stage1"]["config"]["data"]["train"] == [str(root / "data" / "stage1")]
     assert manifest["stage2"]["config"]["checkpoint"]["storage_path"] == str(root / "runs")
 
@@ -195,6 +211,7 @@ def test_pipeline_command_wires_the_stages_and_reruns_only_what_changed(fake_job
     # stage 2's config changed: its old run is cleared (not resumed), and eval + export follow
     assert run("stage2.optim.lr=0.01") == {
         "prepare": False,
+        "base": False,
         "stage1": False,
         "stage2": True,
         "eval": True,

@@ -58,7 +58,7 @@ def test_a_result_change_moves_the_previous_outputs_aside(fake_jobs, tmp_path): 
 
     fake_jobs.clear()
     ran = _run(root, "stage2.optim.lr=0.01")
-    assert ran == {"prepare": False, "stage1": False, "stage2": True, "eval": True, "export": True}
+    assert ran == {"prepare": False, "base": False, "stage1": False, "stage2": True, "eval": True, "export": True}
     assert fake_jobs[0][3] is False  # the new config starts a fresh run: the old one is not resumed
     after = _files(root)
     for rel, text in before.items():  # every earlier file kept, under its stage's versioned name
