@@ -127,6 +127,7 @@ def test_killed_worker_resumes_from_newest_checkpoint_without_gaps(base_models, 
         digits / "stage1",
         runs,
         "killed",
+        "optim.epochs=1",  # one pass: every sample once, whatever the preset's epochs
         "data.micro_batch_size=8",
         "optim.global_batch_size=16",
         "checkpoint.every_steps=10",
