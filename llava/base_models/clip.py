@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from llava import storage
 from llava.base_models.config import BasePretrainConfig
-from llava.base_models.schedule import adamw_cosine
+from llava.base_models.schedule import adamw_cosine, optimizer_step
 from llava.config import ImageConfig
 from llava.data.schema import shard_uris
 from llava.image_processing import load_pixel_values
@@ -114,14 +114,7 @@ def pretrain_clip(config: BasePretrainConfig, tokenizer, out: str | Path) -> dic
         )
         text_emb = text_features(model, encoded["input_ids"][present], encoded["attention_mask"][present])  # (U, P)
         loss = contrastive_loss(image_emb, text_emb, text_of_image, model.logit_scale.exp().clamp(max=100))
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        history.append({"step": step + 1, "loss": loss.item(), "lr": scheduler.get_last_lr()[0]})
-        if (step + 1) % 50 == 0 or step == 0:
-            log.info("clip step %d/%d loss %.4f", step + 1, c.steps, loss.item())
+        optimizer_step(model, optimizer, scheduler, loss, step, c.steps, history, "clip")
     model.eval()
     with torch.no_grad():  # zero-shot accuracy on the training images: the caption CLIP ranks first
         img = F.normalize(_features(model.get_image_features(pixel_values=pixels)), dim=-1)

@@ -12,7 +12,7 @@ import torch
 
 from llava.base_models.config import BasePretrainConfig
 from llava.base_models.corpus import lm_documents
-from llava.base_models.schedule import adamw_cosine
+from llava.base_models.schedule import adamw_cosine, optimizer_step
 from llava.tiny_models import llama_config
 
 log = logging.getLogger(__name__)
@@ -51,14 +51,7 @@ def pretrain_lm(config: BasePretrainConfig, tokenizer, out: str | Path) -> dict:
     for step in range(c.steps):
         batch = rows[torch.randint(0, len(rows), (c.batch_size,), generator=generator)]  # (B, T)
         loss = model(input_ids=batch, labels=batch).loss
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        history.append({"step": step + 1, "loss": loss.item(), "lr": scheduler.get_last_lr()[0]})
-        if (step + 1) % 50 == 0 or step == 0:
-            log.info("lm step %d/%d loss %.4f", step + 1, c.steps, loss.item())
+        optimizer_step(model, optimizer, scheduler, loss, step, c.steps, history, "lm")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return {
