@@ -2,8 +2,11 @@
 
 The way a spot instance disappears: every process of the second node (its raylet, object store and the
 training worker on it) is killed at once after the first checkpoint is registered. The run waits for
-capacity, resumes from its newest checkpoint when a node comes back, and completes with no sample
-skipped and at most one checkpoint interval of samples trained twice (audited sample ids). Each node
+capacity, resumes from its newest registered checkpoint when a node comes back, and completes with no
+sample skipped (audited sample ids). Samples trained twice are bounded by two checkpoint intervals:
+Ray Train's per-worker result queue holds one report, so a worker can run at most one checkpoint
+interval past a checkpoint the controller has not registered yet (seen under CI load: lost while the
+step-10 checkpoint was queued, resumed from step 5, six steps trained twice). Each node
 has 3 logical CPUs and each training worker takes 2, so the two workers always sit on different nodes
 and the third CPU of each node is left to Ray Data.
 """
@@ -69,6 +72,7 @@ def test_stage2_survives_losing_a_node_and_resumes_when_capacity_returns(base_mo
         while trainer.is_alive() and time.time() < deadline and not _registered(snapshot):
             time.sleep(0.2)
         assert trainer.is_alive(), f"stage 2 ended before the first checkpoint: {outcome}"
+        registered_at_loss = _newest_registered_step(snapshot)
         events["lost"] = time.time()
         cluster.remove_node(second, allow_graceful=False)  # SIGKILL: raylet, store, its training worker
         time.sleep(10)  # no capacity for a while: the run must wait, not fail
@@ -88,12 +92,13 @@ def test_stage2_survives_losing_a_node_and_resumes_when_capacity_returns(base_mo
     assert after, "the run did not restart its workers"
     resumed_at = min(r["step"] for r in after)
     assert resumed_at >= EVERY and resumed_at % EVERY == 0  # from a checkpoint, not from scratch
+    assert resumed_at >= registered_at_loss  # ... and not from one older than the newest registered
     before_ids = {i for r in records if r["pid"] in first_pids and r["step"] < resumed_at for i in r["ids"]}
     repeated = {i for r in records if r["pid"] in first_pids and r["step"] >= resumed_at for i in r["ids"]}
     after_ids = [i for r in after for i in r["ids"]]
     assert len(after_ids) == len(set(after_ids))  # nothing twice after the resume
     assert not before_ids & set(after_ids)  # nothing trained before the checkpoint is trained again
-    assert len(repeated) <= EVERY * GLOBAL_BATCH  # repeats: at most one checkpoint interval
+    assert len(repeated) <= 2 * EVERY * GLOBAL_BATCH  # repeats: bounded (see the module docstring)
     trained_steps = sorted({r["step"] for r in records if r["pid"] in first_pids and r["step"] < resumed_at})
     assert trained_steps + sorted({r["step"] for r in after}) == list(range(20))  # no step skipped ...
     assert len(before_ids | set(after_ids)) == 20 * GLOBAL_BATCH  # ... and every step trained a full global batch
@@ -105,8 +110,13 @@ def test_stage2_survives_losing_a_node_and_resumes_when_capacity_returns(base_mo
             f"\nnode loss: lost at step {max(trained_steps) + 1}, capacity back after "
             f"{events['back'] - events['lost']:.0f} s, first step after the resume "
             f"{recovered - events['back']:.0f} s later (step {resumed_at}), "
-            f"{len(repeated)} samples trained twice (<= {EVERY * GLOBAL_BATCH})"
+            f"{len(repeated)} samples trained twice (<= {2 * EVERY * GLOBAL_BATCH})"
         )
+
+
+def _newest_registered_step(snapshot) -> int:
+    results = json.loads(snapshot.read_text())["checkpoint_results"]
+    return max(r["metrics"]["step"] for r in results)
 
 
 def _registered(snapshot) -> bool:

@@ -84,6 +84,16 @@ class SkipCounter:
         return self.rows_seen, sum(self.counts.values())
 
 
+def new_skip_counter(examples_per_reason: int):
+    """A SkipCounter pinned to this driver's node: it lives as long as the job does. Placed anywhere, it
+    could land on a worker node that a spot reclaim takes away, and the job would lose its counts (and
+    fail reading them) after training itself had recovered."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return SkipCounter.options(scheduling_strategy=here).remote(examples_per_reason)
+
+
 def validate_row(row: dict, access: ImageAccess, max_pixels: int) -> dict:
     """One raw row -> a SCHEMA row. Raises SampleRejected (ImageRefRejected included) / ImageError."""
     refs = row.get("image_refs") or []
@@ -161,7 +171,7 @@ def ingest(
     dataset (llava.data.publish) and return its manifest."""
     config = config or IngestConfig()
     access = ImageAccess(images_root, config.allow_images_outside_root, config.max_image_bytes)
-    counter = SkipCounter.remote(config.examples_per_reason)
+    counter = new_skip_counter(config.examples_per_reason)
     shard_rows = rows_per_shard(raw, access, config.shard_mb)
     # One validation task per batch: a staging chunk or an input file is often a single block of
     # thousands of rows, which would otherwise be checked (and its images held) by one task.

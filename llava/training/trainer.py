@@ -19,7 +19,7 @@ import ray
 
 from llava import storage
 from llava.config import ModelConfig, config_to_dict
-from llava.data.ingest import SkipCounter
+from llava.data.ingest import new_skip_counter
 from llava.data.reader import expand_dataset_uris, model_ready_dataset
 from llava.data.schema import Manifest, parquet_rows
 from llava.model import expected_image_tokens
@@ -110,7 +110,7 @@ def train(config: TrainConfig) -> TrainResult:
         plan.steps_per_epoch,
         plan.total_steps,
     )
-    counter = SkipCounter.remote(5)
+    counter = new_skip_counter(5)
     dataset = model_ready_dataset(
         config.data.train, model_config, image_tokens, counter=counter, batch_size=max(8, config.data.micro_batch_size)
     )
