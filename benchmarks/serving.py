@@ -139,7 +139,7 @@ class Endpoint:
         from serve.config import AutoscalingConfig, BatchingConfig, ReplicaConfig, ServeConfig
 
         os.environ.pop(KEY_ENV, None)
-        init_ray(num_cpus=max(4, os.cpu_count() or 1), preload_imports=False)
+        init_ray(num_cpus=max(4, os.cpu_count() or 1))
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"llava-ray serve: {exc}", file=sys.stderr)
         return 2
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")  # slow starts on small machines
-    init_ray(args.address, s3_endpoint=args.s3_endpoint, preload_imports=False)
+    init_ray(args.address, s3_endpoint=args.s3_endpoint)
     url = run_local(config)
     emit({"url": url, "openai_base_url": f"{url}/v1", "model": config.model_name, "chat_page": f"{url}/"})
     wait_until_interrupted()

@@ -2,31 +2,24 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import sys
+import threading
+from collections.abc import Callable
+from typing import TypeVar
 
 import ray
 import ray.data
 
 log = logging.getLogger(__name__)
-
-# transformers.activations pulls in the torch.distributed.tensor -> sympy chain that every HF config load needs.
-WORKER_PRELOAD = (
-    "torch",
-    "transformers.activations",
-    "transformers.models.auto.tokenization_auto",
-    "transformers.models.auto.configuration_auto",
-    "llava.data.reader",
-)
+T = TypeVar("T")
 
 
 def init_ray(
     address: str | None = None,
     num_cpus: int | None = None,
     s3_endpoint: str | None = None,
-    preload_imports: bool = True,
 ) -> None:
     """Join the cluster at `address` (or RAY_ADDRESS), else start a local Ray of this job's own.
 
@@ -43,9 +36,6 @@ def init_ray(
 
     A local Ray gets at least 4 logical CPUs even on a 2-core machine: Ray Train workers and Ray Data
     tasks must both find a CPU slot, or a run whose workers hold every CPU deadlocks.
-
-    `preload_imports` makes every worker import the heavy libraries before its first task
-    (`preload_worker_imports`); jobs that run no Ray Data tasks (serving) can skip its cost.
     """
     env_vars = {}
     if s3_endpoint:
@@ -54,9 +44,7 @@ def init_ray(
         return
     # Ray Data's progress bars redraw with carriage returns: noise in a log file, useful on a terminal.
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
-    runtime_env = {"worker_process_setup_hook": "llava.ray_runtime.preload_worker_imports"} if preload_imports else {}
-    if env_vars:
-        runtime_env["env_vars"] = env_vars
+    runtime_env = {"env_vars": env_vars} if env_vars else {}
     target = cluster_address(address)
     if target:
         log.info("joining the Ray cluster at %s (%s)", target, "--address" if address else "RAY_ADDRESS")
@@ -74,15 +62,37 @@ def cluster_address(address: str | None = None) -> str | None:
     return address or os.environ.get("RAY_ADDRESS") or None
 
 
-def preload_worker_imports() -> None:
-    """Ray worker setup hook: import the heavy libraries once, before the worker runs any task.
+def uninterruptible(fn: Callable[..., T], *args, **kwargs) -> T:
+    """`fn(*args, **kwargs)` in a helper thread, so that an interrupt cannot land inside it.
 
-    Ray cancels in-flight Data tasks by raising KeyboardInterrupt inside them (a training run
-    does so when it restarts after a failed worker). Landing in a first-time import (loading a
-    tokenizer pulls in transformers, torch.distributed and sympy: seconds), it leaves
-    half-imported packages in sys.modules, and every later task in that reused process fails
-    ("module 'sympy' has no attribute 'printing'"). Imported here, outside any task, they are
-    complete before a task can be interrupted.
+    Ray cancels a running task by raising KeyboardInterrupt in the worker's main thread
+    (`_thread.interrupt_main`); a training run does so to its Data tasks when it restarts after a
+    failed worker. Landing inside a first-time import (loading a tokenizer pulls in transformers,
+    torch.distributed and sympy: seconds of imports), it would leave half-imported packages in
+    sys.modules, and every later task in that reused worker would fail ("module 'sympy' has no
+    attribute 'printing'"). In another thread the work always completes: an interrupted caller
+    leaves it running, and the next call waits for it (one such call at a time per process), so a
+    cached result (`functools.lru_cache`) is there when it starts.
+
+    Only the Data tasks that load heavy libraries pay this; no Ray worker preloads anything (a
+    setup hook importing torch and transformers cost every worker process, actors included, about
+    8 s of CPU on 2 cores, most of a small job's time).
     """
-    for module in WORKER_PRELOAD:
-        importlib.import_module(module)
+    outcome: dict = {}
+
+    def run() -> None:
+        with _UNINTERRUPTIBLE:
+            try:
+                outcome["value"] = fn(*args, **kwargs)
+            except BaseException as error:  # noqa: B036 - re-raised in the caller's thread
+                outcome["error"] = error
+
+    thread = threading.Thread(target=run, name=f"uninterruptible-{getattr(fn, '__name__', 'call')}", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+_UNINTERRUPTIBLE = threading.Lock()

@@ -109,7 +109,7 @@ def _ensure_session_ray(s3_endpoint: str) -> None:
     from llava.ray_runtime import init_ray
 
     if ray.is_initialized() and ray.get_runtime_context().gcs_address != _SESSION_RAY.get("gcs"):
-        ray.shutdown()  # not ours (e.g. a default Ray that Ray Data started): 2 CPUs, no preloads, no S3 endpoint
+        ray.shutdown()  # not ours (e.g. a default Ray that Ray Data started): 2 CPUs, no S3 endpoint
     init_ray(num_cpus=4, s3_endpoint=s3_endpoint)
     _SESSION_RAY["gcs"] = ray.get_runtime_context().gcs_address
 
@@ -123,7 +123,7 @@ def _ray_is_up() -> bool:
 @pytest.fixture(autouse=True)
 def _no_stray_ray(request):
     """A test that starts Ray without asking for `ray_local` fails: Ray Data and Serve start a default Ray
-    on first use (2 CPUs, no worker preloads, no S3 endpoint) and later modules would silently share it."""
+    on first use (2 CPUs, no S3 endpoint) and later modules would silently share it."""
     if "ray_local" in request.fixturenames:  # module-scoped: make sure an earlier test did not stop or replace it
         _ensure_session_ray(request.getfixturevalue("s3_server").endpoint)
     was_up = _ray_is_up()

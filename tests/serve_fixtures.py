@@ -77,7 +77,7 @@ def chat_server(tiny_checkpoint):
     ray.shutdown()
     os.environ[KEY_ENV] = API_KEY  # Ray workers started below inherit it
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")  # a busy 2-core machine starts slowly
-    init_ray(num_cpus=4, preload_imports=False)
+    init_ray(num_cpus=4)
     config = ServeConfig(
         model=tiny_checkpoint,
         model_name="tiny-llava",

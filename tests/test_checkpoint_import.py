@@ -524,7 +524,7 @@ def test_llava_hf_model_lora_finetune_export_serve_answer_through_openai(sources
         assert export_hf(tuned, tmp_path / "export").format == "hf-llava"
         ray.shutdown()  # serve on a fresh Ray whose workers skip the training imports (as tests/serve_fixtures.py)
         os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")  # a busy 2-core machine starts slowly
-        init_ray(num_cpus=4, preload_imports=False)
+        init_ray(num_cpus=4)
         config = ServeConfig(
             model=str(tmp_path / "export"),
             model_name="tuned",

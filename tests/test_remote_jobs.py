@@ -148,7 +148,7 @@ import json, logging, os, sys
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
 import ray
 from llava.ray_runtime import init_ray
-init_ray(preload_imports=False)
+init_ray()
 result = {"auth_mode": os.environ.get("RAY_AUTH_MODE"), "gcs": ray.get_runtime_context().gcs_address,
           "answer": ray.get(ray.remote(lambda: 6 * 7).remote())}
 ray.shutdown()

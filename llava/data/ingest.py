@@ -94,6 +94,14 @@ def new_skip_counter(examples_per_reason: int):
     return SkipCounter.options(scheduling_strategy=here).remote(examples_per_reason)
 
 
+def close_skip_counter(counter) -> tuple[dict[str, int], dict[str, list[str]]]:
+    """The counter's final counts and examples; then the actor ends (it holds a worker process, and a
+    long-lived driver such as the pipeline would otherwise keep one per stage)."""
+    report = ray.get(counter.report.remote())
+    ray.kill(counter)
+    return report
+
+
 def validate_row(row: dict, access: ImageAccess, max_pixels: int) -> dict:
     """One raw row -> a SCHEMA row. Raises SampleRejected (ImageRefRejected included) / ImageError."""
     refs = row.get("image_refs") or []
@@ -198,7 +206,7 @@ def ingest(
                     progress.set(seen, skipped=skipped_rows)
         seen, skipped_rows = ray.get(counter.progress.remote())
         progress.set(seen, skipped=skipped_rows)
-    skipped, examples = ray.get(counter.report.remote())
+    skipped, examples = close_skip_counter(counter)
     manifest = publish(attempt, Manifest(rows=0, skipped=skipped, sources=list(sources), extra=extra or {}))
     for reason, texts in sorted(examples.items()):
         for text in texts:

@@ -27,21 +27,24 @@ import random
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
-import torch
 
 from llava import storage
 from llava.config import ModelConfig, config_from_dict, config_to_dict
 from llava.data.ingest import skip_reason
 from llava.data.schema import shard_uris
 from llava.image_processing import ImageError, load_pixels_uint8, normalise_pixels
+from llava.ray_runtime import uninterruptible
 from llava.templates import SampleRejected
 from llava.tokenization import IGNORE_INDEX, load_tokenizer, prepare_tokenizer, tokenize_conversation
+
+if TYPE_CHECKING:
+    import torch
 
 READY_SCHEMA = pa.schema(
     [
@@ -92,7 +95,7 @@ def _binary_array(chunks: list[np.ndarray]) -> pa.Array:
 def make_model_ready(batch: pa.Table, model_config: dict, num_image_tokens: int, counter=None) -> pa.Table:
     """Ray Data map_batches function: stored rows -> READY_SCHEMA rows; bad rows dropped and counted."""
     config = _ready_config(json.dumps(model_config, sort_keys=True))
-    tokenizer = _tokenizer(config.tokenizer_path, config.template)
+    tokenizer = uninterruptible(_tokenizer, config.tokenizer_path, config.template)  # a cancel cannot break its imports
     ids, input_ids, labels, pixels, num_images = [], [], [], [], []
     skipped, examples = Counter(), []
     no_pixels = np.zeros(0, np.uint8)
@@ -248,6 +251,8 @@ def collate(rows: list[dict], pad_token_id: int, image_size: int) -> Batch:
     Pixels are normalised here, per row with the `pixel_mean` / `pixel_std` the row carries (the
     ImageConfig it was made with), so `pixel_values` equals `load_pixel_values` bit for bit.
     """
+    import torch  # here, not at the top: the Data tasks that import this module never need torch
+
     lengths = [int(r["length"]) for r in rows]
     counts = [int(r["num_images"]) for r in rows]
     size, length = len(rows), max(lengths)

@@ -19,7 +19,7 @@ import ray
 
 from llava import storage
 from llava.config import ModelConfig, config_to_dict
-from llava.data.ingest import new_skip_counter
+from llava.data.ingest import close_skip_counter, new_skip_counter
 from llava.data.reader import expand_dataset_uris, model_ready_dataset
 from llava.data.schema import Manifest, parquet_rows
 from llava.model import expected_image_tokens
@@ -154,7 +154,7 @@ def train(config: TrainConfig) -> TrainResult:
     checkpoint = _checkpoint_uri(result.checkpoint, config.checkpoint.storage_path)
     metrics_text = storage.read_text(storage.join(checkpoint, METRICS_FILE))
     metrics = [json.loads(line) for line in metrics_text.splitlines()]
-    skipped, examples = ray.get(counter.report.remote())
+    skipped, examples = close_skip_counter(counter)
     output = RunOutput(model_dir(checkpoint), checkpoint, result.metrics.get("step"), skipped, config_to_dict(config))
     storage.write_text(storage.join(run_dir, METRICS_FILE), metrics_text)
     kept = [
