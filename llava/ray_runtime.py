@@ -62,6 +62,9 @@ def cluster_address(address: str | None = None) -> str | None:
     return address or os.environ.get("RAY_ADDRESS") or None
 
 
+_UNINTERRUPTIBLE = threading.Lock()  # one `uninterruptible` call at a time per process
+
+
 def uninterruptible(fn: Callable[..., T], *args, **kwargs) -> T:
     """`fn(*args, **kwargs)` in a helper thread, so that an interrupt cannot land inside it.
 
@@ -93,6 +96,3 @@ def uninterruptible(fn: Callable[..., T], *args, **kwargs) -> T:
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]
-
-
-_UNINTERRUPTIBLE = threading.Lock()

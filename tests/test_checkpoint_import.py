@@ -495,7 +495,8 @@ def test_llava_hf_model_lora_finetune_export_serve_answer_through_openai(sources
 
     source = sources["mlp2x_gelu"]
     hf = write_llava_hf(source, tmp_path / "llava-hf", "language_model.model")
-    init_ray(num_cpus=4)
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")  # a busy 2-core machine starts slowly
+    init_ray(num_cpus=4)  # one Ray for training and serving
     try:
         prepare_digits(str(tmp_path / "digits"))
         result = train(
@@ -522,9 +523,6 @@ def test_llava_hf_model_lora_finetune_export_serve_answer_through_openai(sources
         assert not torch.equal(logits(tuned.eval()), logits(source))  # the adapter changed the model
 
         assert export_hf(tuned, tmp_path / "export").format == "hf-llava"
-        ray.shutdown()  # serve on a fresh Ray whose workers skip the training imports (as tests/serve_fixtures.py)
-        os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")  # a busy 2-core machine starts slowly
-        init_ray(num_cpus=4)
         config = ServeConfig(
             model=str(tmp_path / "export"),
             model_name="tuned",
